@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Iterator
 
 # Unicode White_Space, which is what `\s` means in the Rust regex engine (Python's str.isspace() differs).
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _NEWLINES = "\r\n"
 
 # Runs shorter than this go to tiktoken as they are; it handles tens of thousands of spaces without trouble.
@@ -28,7 +28,7 @@ DEFAULT_MAX_RUN = 4096
 
 def _is_punct(ch: str) -> bool:
     """True for `[^\\s\\p{L}\\p{N}]`: neither whitespace, nor letter, nor number."""
-    return unicodedata.category(ch)[0] not in "LN" and not re.match(f"[{_WS}]", ch)
+    return unicodedata.category(ch)[0] not in "LN" and not re.match(f"[{WHITESPACE}]", ch)
 
 
 def split_long_whitespace(text: str, max_run: int = DEFAULT_MAX_RUN) -> Iterator[tuple[str, bool]]:
@@ -37,7 +37,7 @@ def split_long_whitespace(text: str, max_run: int = DEFAULT_MAX_RUN) -> Iterator
     `is_piece=True` spans are single regex pieces (whitespace) to be BPE-encoded as they are; the others are
     ordinary text for the regex, containing no whitespace run of `max_run` characters or more.
     """
-    run_re = re.compile(f"[{_WS}]{{{max_run},}}")
+    run_re = re.compile(f"[{WHITESPACE}]{{{max_run},}}")
     cur = 0
     for run in run_re.finditer(text):
         i, j = run.span()

@@ -13,7 +13,12 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import make_checkpoint
 
     out = make_checkpoint(
-        args.out, preset=args.preset, dtype=args.dtype, seed=args.seed, shards=args.shards, overwrite=args.overwrite
+        args.out,
+        preset=args.preset,
+        dtype=args.dtype,
+        seed=args.seed,
+        shards=args.shards,
+        overwrite=args.overwrite,
     )
     print(f"Wrote a synthetic {args.preset} checkpoint (random weights) to {out}")
     return 0
@@ -33,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         "weights: for trying the pipeline and for speed measurements without downloading the real weights.",
     )
     p.add_argument("out", help="output directory (created)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "1.8b", "7b"], help="model size (default: tiny)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weight dtype")
+    p.add_argument(
+        "--preset", default="tiny", choices=["tiny", "1.8b", "7b"], help="model size (default: tiny)"
+    )
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weight dtype"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--shards", type=int, default=None, help="number of safetensors shards (default: ~2 GB each)")
+    p.add_argument(
+        "--shards", type=int, default=None, help="number of safetensors shards (default: ~2 GB each)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     p.set_defaults(handler=_make_checkpoint)
     return parser

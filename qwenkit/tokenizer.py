@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import tiktoken
 
-from ._pretokenize import DEFAULT_MAX_RUN, split_long_whitespace
+from ._pretokenize import DEFAULT_MAX_RUN, WHITESPACE, split_long_whitespace
 from .vocab import VOCAB_FILE_NAME
 
 PAT_STR = (
@@ -35,7 +35,7 @@ SPECIAL_START_ID = 151643
 AllowedSpecial = Literal["all"] | Collection[str]
 
 # Long whitespace runs cannot be handed to tiktoken in one go (see _pretokenize); anything shorter can.
-_LONG_WS_RUN = re.compile(r"[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{%d,}" % DEFAULT_MAX_RUN)
+_LONG_WS_RUN = re.compile(f"[{WHITESPACE}]{{{DEFAULT_MAX_RUN},}}")
 
 
 def _load_ranks(vocab_file: str | os.PathLike[str]) -> dict[bytes, int]:
@@ -123,7 +123,9 @@ class QWenTokenizer:
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         text = unicodedata.normalize("NFC", text)
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        disallowed = (
+            set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        )
         if _LONG_WS_RUN.search(text) is None:
             return self._enc.encode(text, allowed_special=allowed, disallowed_special=disallowed)
         return self._encode_long(text, allowed, disallowed)
@@ -161,7 +163,9 @@ class QWenTokenizer:
         """Raw bytes of `ids` (special tokens as their text); ids that name no token give b''."""
         return self._enc.decode_bytes(list(self._valid_ids(_as_id_list(ids))))
 
-    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False, errors: str | None = None) -> str:
+    def decode(
+        self, ids: Iterable[int] | int, skip_special_tokens: bool = False, errors: str | None = None
+    ) -> str:
         """Ids to text, as the official `decode`: `skip_special_tokens` drops ids >= eod_id."""
         ids = _as_id_list(ids)
         if skip_special_tokens:

@@ -18,15 +18,23 @@ def tok() -> QWenTokenizer:
 
 def test_golden_context(tok):
     ids = make_context(tok, "你好", system="You are a helpful assistant.")[1]
+    # fmt: off
     assert ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198,
                    151644, 872, 198, 108386, 151645, 198, 151644, 77091, 198]
+    # fmt: on
 
 
 def _reference(tok, query, history, system, window):
     """Independent re-statement: each turn is a block of ids, blocks kept newest first while they fit."""
+
     def piece(role, content):
-        return ([tok.im_start_id] + tok.encode(role, allowed_special=set()) + tok.encode("\n")
-                + tok.encode(content, allowed_special=set()) + [tok.im_end_id])
+        return (
+            [tok.im_start_id]
+            + tok.encode(role, allowed_special=set())
+            + tok.encode("\n")
+            + tok.encode(content, allowed_special=set())
+            + [tok.im_end_id]
+        )
 
     nl = tok.encode("\n")
     sys_block = piece("system", system)
@@ -58,7 +66,7 @@ def test_make_context_matches_reference(tok, query, history, system, window):
     assert ids == expected
     # raw_text is exactly the text of the ids, and holds one <|im_start|> per real turn.
     assert tok.decode(ids) == raw
-    n_turns = 1 + sum(1 + (r is not None) for _, r in history[len(history) - n_kept:]) + 2
+    n_turns = 1 + sum(1 + (r is not None) for _, r in history[len(history) - n_kept :]) + 2
     assert ids.count(tok.im_start_id) == n_turns
 
 
@@ -99,11 +107,15 @@ def test_messages_equal_make_context(tok):
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "How are you?"},
     ]
-    assert messages_to_ids(tok, messages) == make_context(
-        tok, "How are you?", [("Hi", "Hello!")], system="Be brief.")[1]
+    assert (
+        messages_to_ids(tok, messages)
+        == make_context(tok, "How are you?", [("Hi", "Hello!")], system="Be brief.")[1]
+    )
     no_system = messages[1:]
-    assert messages_to_ids(tok, no_system) == make_context(
-        tok, "How are you?", [("Hi", "Hello!")], system="You are a helpful assistant.")[1]
+    assert (
+        messages_to_ids(tok, no_system)
+        == make_context(tok, "How are you?", [("Hi", "Hello!")], system="You are a helpful assistant.")[1]
+    )
     assert messages_to_history(messages) == ("Be brief.", [("Hi", "Hello!")], "How are you?")
 
 
