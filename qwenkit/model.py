@@ -1,0 +1,335 @@
+"""The Qwen (v1) transformer: RMSNorm, rotary (with dynamic NTK and logn scaling), SDPA attention, MLP, blocks.
+
+Module and parameter names equal the official checkpoint keys, so loading needs no key map, and every linear layer
+is a plain `nn.Linear` reachable by name so quantization can swap it. Loading weights, sampling and deciding which
+cache rows are in use are left to `loading`, `sampling` and `generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenConfig
+from .kv_cache import KVCache
+
+
+def ntk_alpha_for_length(length: int, seq_length: int) -> float:
+    """Dynamic-NTK alpha `max(2**ceil(log2(length / seq_length) + 1) - 1, 1)`: 1, 3, 7, 15, ... per doubling.
+
+    Counted in integers (how many doublings of `seq_length` stay below `length`), so it is exact at the edges.
+    """
+    if length <= 0:
+        raise ValueError(f"prompt length must be positive, got {length}")
+    doublings = 0
+    while length > seq_length << doublings:
+        doublings += 1
+    return float(2 ** (doublings + 1) - 1)
+
+
+def _ntk_alpha_tensor(lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """`ntk_alpha_for_length` for integer lengths `[B]`, on device and without a host sync. fp32 `[B]`."""
+    # seq_length * 2**j for j < 40 covers any length that fits in memory; int64 cannot overflow for seq < 2**23.
+    thresholds = seq_length * 2 ** torch.arange(40, device=lengths.device, dtype=torch.int64)
+    doublings = (lengths.long()[:, None] > thresholds).sum(-1)  # [B]
+    return (2 ** (doublings + 1) - 1).float()
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, rotary_dim: int, base: float, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in fp32 `[B, T, 1, rotary_dim]` for `positions` `[B, T]` and NTK `alpha` `[B]` or `[1]`.
+
+    NTK scales the base: `base' = base * alpha ** (rotary_dim / (rotary_dim - 2))`, so alpha 1 is plain rotary.
+    """
+    device = positions.device
+    base_scaled = base * alpha.to(device=device, dtype=torch.float32) ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base_scaled[:, None] ** exponents)  # [B or 1, rotary_dim / 2]
+    freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [B, T, rotary_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, rotary_dim], broadcasts over heads
+    return emb.cos(), emb.sin()
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Query scale `log(p + 1) / log(seq_length)` for positions past `seq_length`, else 1. fp32 `[B, T]`."""
+    p1 = (positions + 1).float()
+    return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate-half rotary over the first `cos.shape[-1]` channels of `x` `[B, T, H, D]`, in fp32.
+
+    `scale` `[B, T, 1, 1]` (logn) multiplies the whole result before the cast back to `x.dtype`.
+    """
+    rot = cos.shape[-1]
+    xf = x.float()
+    x_rot, x_pass = xf[..., :rot], xf[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    out = torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+    if scale is not None:
+        out = out * scale
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as the official model: normalise in fp32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+@dataclass
+class _StepInputs:
+    """What every layer of one forward shares; built once per forward."""
+
+    positions: torch.Tensor  # [B, T] absolute positions
+    cos: torch.Tensor  # [B, T, 1, rotary_dim] fp32
+    sin: torch.Tensor  # [B, T, 1, rotary_dim] fp32
+    q_scale: torch.Tensor | None  # [B, T, 1, 1] fp32 logn factor, None when logn is off
+    cache: KVCache | None
+    length: int  # keys attended with a cache: max position in the batch + 1
+    mask: torch.Tensor | None  # [B, 1, T, length] bool, True = may attend; None -> causal over the input
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused `c_attn` (q | k | v, with bias), rotary, SDPA, output `c_proj`."""
+
+    def __init__(self, config: QwenConfig, layer: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.c_attn = nn.Linear(hidden, 3 * hidden, bias=True, **kw)  # output is q | k | v
+        self.c_proj = nn.Linear(hidden, hidden, bias=not config.no_bias, **kw)
+
+    def forward(self, x: torch.Tensor, step: _StepInputs) -> torch.Tensor:
+        bsz, steps, hidden = x.shape
+        q, k, v = self.c_attn(x).view(bsz, steps, 3, self.n_heads, self.head_dim).unbind(2)  # [B, T, H, D]
+        q = apply_rotary(q, step.cos, step.sin, step.q_scale)
+        k = apply_rotary(k, step.cos, step.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if step.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Keys come from the cache: [B, H, length, D]; the mask keeps each query to indices 0..p of its row.
+            k, v = step.cache.update(self.layer, step.positions, k, v, length=step.length)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask)
+        return self.c_proj(out.transpose(1, 2).reshape(bsz, steps, hidden))
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: `c_proj(w1(x) * silu(w2(x)))`, each branch `intermediate_size // 2` wide."""
+
+    def __init__(self, config: QwenConfig, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        bias = not config.no_bias
+        self.w1 = nn.Linear(config.hidden_size, config.ffn_hidden, bias=bias, **kw)
+        self.w2 = nn.Linear(config.hidden_size, config.ffn_hidden, bias=bias, **kw)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.hidden_size, bias=bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The official model gates with w2: w1 is the "up" branch, silu(w2) the gate.
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `h = x + attn(ln_1(x))`, `out = h + mlp(ln_2(h))`."""
+
+    def __init__(self, config: QwenConfig, layer: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **kw)
+        self.attn = Attention(config, layer, **kw)
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **kw)
+        self.mlp = MLP(config, **kw)
+
+    def forward(self, x: torch.Tensor, step: _StepInputs) -> torch.Tensor:
+        h = x + self.attn(self.ln_1(x), step)
+        return h + self.mlp(self.ln_2(h))
+
+
+class QWenModel(nn.Module):
+    """Embedding, blocks and final norm (`transformer.*` in the checkpoint)."""
+
+    def __init__(self, config: QwenConfig, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.h = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **kw)
+
+    def forward(self, input_ids: torch.Tensor, step: _StepInputs) -> torch.Tensor:
+        x = self.wte(input_ids)  # [B, T, C]
+        for block in self.h:
+            x = block(x, step)
+        return x  # ln_f is applied by the caller, after picking the positions it needs
+
+
+class QWenLMHeadModel(nn.Module):
+    """Qwen (v1) causal LM. See `forward` and docs/architecture.md for the calling contract."""
+
+    def __init__(
+        self,
+        config: QwenConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = QWenModel(config, dtype=dtype, device=device)
+        self.lm_head = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device
+        )
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def ntk_alpha(self, prompt_len: int) -> float:
+        """The dynamic-NTK alpha to use for a whole generation whose prompt has `prompt_len` tokens."""
+        if not self.config.use_dynamic_ntk:
+            return 1.0
+        return ntk_alpha_for_length(prompt_len, self.config.seq_length)
+
+    def new_cache(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A fresh `KVCache` for this model; dtype/device default to the model's own."""
+        weight = self.transformer.wte.weight
+        c = self.config
+        return KVCache(
+            c.num_hidden_layers,
+            max_batch_size,
+            c.num_attention_heads,
+            max_seq_len,
+            c.head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        ntk_alpha: float | torch.Tensor | None = None,
+        output_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits `[B, T, V]` for `input_ids` `[B, T]`, or `[B, V]` at `output_index` `[B]`.
+
+        `positions` `[B, T]` default to `arange(T)` per row. With a `cache`, keys/values are written at those
+        positions and each query at position p attends to cache indices 0..p of its row; without one, attention
+        is causal over the input. `ntk_alpha` (float or `[B]`) defaults to the alpha of each row's last position
+        + 1; it is 1 whenever `use_dynamic_ntk` is false.
+        """
+        positions, length = self._check_inputs(input_ids, positions, cache, output_index)
+        step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length)
+        hidden = self.transformer(input_ids, step)  # [B, T, C]
+        if output_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), output_index]  # [B, C]
+        return self.lm_head(self.transformer.ln_f(hidden)).float()
+
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+        output_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, int]:
+        """Validate user inputs with a single host sync; return positions `[B, T]` and max position + 1."""
+        if (
+            input_ids.dim() != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+            or input_ids.shape[1] == 0
+        ):
+            raise ValueError(
+                f"input_ids must be an integer tensor [B, T] with T >= 1, got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}; use ids[None] for a single sequence"
+            )
+        bsz, steps = input_ids.shape
+        given_positions = positions is not None
+        if positions is None:
+            positions = torch.arange(steps, device=input_ids.device).expand(bsz, steps)
+        elif positions.shape != input_ids.shape or positions.is_floating_point():
+            raise ValueError(
+                f"positions must be an integer tensor with the shape of input_ids {(bsz, steps)}, "
+                f"got {positions.dtype} {tuple(positions.shape)}"
+            )
+        if output_index is not None and output_index.shape != (bsz,):
+            raise ValueError(f"output_index must have shape [B] = ({bsz},), got {tuple(output_index.shape)}")
+        if cache is not None and bsz > cache.max_batch_size:
+            raise ValueError(
+                f"batch of {bsz} rows does not fit the cache (max_batch_size={cache.max_batch_size}); "
+                f"create the cache with max_batch_size >= {bsz}"
+            )
+        # One sync for all range checks (and the key window length).
+        stats = [input_ids.min(), input_ids.max()]
+        if given_positions:
+            stats += [positions.min(), positions.max()]
+        if output_index is not None:
+            stats += [output_index.min(), output_index.max()]
+        values = torch.stack([s.long() for s in stats]).tolist()
+        id_lo, id_hi = values[0], values[1]
+        pos_lo, pos_hi = (values[2], values[3]) if given_positions else (0, steps - 1)
+        vocab = self.transformer.wte.num_embeddings
+        if id_lo < 0 or id_hi >= vocab:
+            raise ValueError(
+                f"token ids must be in [0, {vocab}), got range [{id_lo}, {id_hi}]; "
+                "use the tokenizer that matches this checkpoint"
+            )
+        if pos_lo < 0:
+            raise ValueError(f"positions must be >= 0, got {pos_lo}")
+        if output_index is not None and (values[-2] < 0 or values[-1] >= steps):
+            raise ValueError(f"output_index must be in [0, {steps}), got range [{values[-2]}, {values[-1]}]")
+        if cache is not None and pos_hi >= cache.max_seq_len:
+            raise ValueError(
+                f"position {pos_hi} does not fit the cache (max_seq_len={cache.max_seq_len}); "
+                f"create the cache with max_seq_len >= {pos_hi + 1}"
+            )
+        return positions, pos_hi + 1
+
+    def _step_inputs(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        ntk_alpha: float | torch.Tensor | None,
+        length: int,
+    ) -> _StepInputs:
+        c = self.config
+        device = input_ids.device
+        if not c.use_dynamic_ntk:
+            alpha = torch.ones(1, device=device)
+        elif ntk_alpha is None:
+            alpha = _ntk_alpha_tensor(positions[:, -1] + 1, c.seq_length)  # [B]
+        else:
+            alpha = torch.as_tensor(ntk_alpha, dtype=torch.float32, device=device).reshape(-1)
+            if alpha.shape[0] not in (1, input_ids.shape[0]):
+                raise ValueError(f"ntk_alpha must be a float or a tensor [B], got shape {tuple(alpha.shape)}")
+        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rotary_emb_base, alpha)
+        q_scale = logn_scale(positions, c.seq_length)[:, :, None, None] if c.use_logn_attn else None
+        mask = None
+        if cache is not None:
+            # [B, 1, T, length]: key index s is visible to the query at position p iff s <= p (same row).
+            key_idx = torch.arange(length, device=device)
+            mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]
+        return _StepInputs(positions, cos, sin, q_scale, cache, length, mask)
