@@ -1,0 +1,285 @@
+"""Generation in three layers: a batched token generator, a stream of chunks, and whole results.
+
+`TokenGenerator` prefills right-padded prompts into a static KV cache and then decodes one token per row per step
+(one batched forward), with the dynamic-NTK alpha fixed at each row's prompt length. `stream()` turns one row's
+tokens into text deltas (UTF-8 safe, stop strings held back and never released); `generate()` and
+`generate_batch()` return whole results. Prompt layout is chat_format's job; the HTTP engine builds on these.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .model import QWenLMHeadModel
+from .sampling import SamplingParams, build_seen_mask, make_generator, sample, update_seen_mask
+from .stopping import StopStringMatcher
+from .tokenizer import QWenTokenizer, StreamDecoder
+
+FinishReason = Literal["stop", "length"]
+
+# Dynamic NTK + logn keep Qwen v1 usable up to this many positions (the official logn table's size).
+MAX_CONTEXT = 32768
+# Long prompts are prefilled in chunks so attention scores stay small ([H, chunk, keys] per row).
+PREFILL_CHUNK = 1024
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: the sampled token, the text it released, and on the last chunk why it ended."""
+
+    token_id: int | None  # None on a final chunk that only flushes held-back text
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, stop token excluded
+    finish_reason: FinishReason
+    prompt_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    timings: list[float] = field(default_factory=list, repr=False)  # seconds per generated token
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class TokenGenerator:
+    """Prefill a batch of prompts, then decode one token per unfinished row per `step()`.
+
+    Rows finish on a stop token id, at `max_new_tokens`, at the context limit, or when the caller calls
+    `finish(row)` (e.g. a stop string matched). Finished rows stay in the batch with their position frozen, so
+    their cache slots are rewritten harmlessly and the shapes stay fixed.
+    """
+
+    def __init__(
+        self,
+        model: QWenLMHeadModel,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        *,
+        valid_vocab_size: int,
+        max_context: int = MAX_CONTEXT,
+    ) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(self.params) != len(prompts):
+            raise ValueError(f"got {len(self.params)} SamplingParams for {len(prompts)} prompts")
+        lengths = [len(p) for p in prompts]
+        if max(lengths) >= max_context:
+            raise ValueError(
+                f"prompt of {max(lengths)} tokens leaves no room in the {max_context}-token context; "
+                "shorten the prompt (or history)"
+            )
+        self.model = model
+        self.valid_vocab_size = valid_vocab_size
+        self.device = model.lm_head.weight.device
+        self.prompt_lengths = lengths
+        # Each row may run to its own prompt + max_new_tokens, capped by the context.
+        self.limits = [
+            min(n + p.max_new_tokens, max_context) for n, p in zip(lengths, self.params, strict=True)
+        ]
+        self.cache = model.new_cache(len(prompts), max(self.limits))
+        self.alpha = torch.tensor([model.ntk_alpha(n) for n in lengths], device=self.device)
+        self.prompts = [list(p) for p in prompts]
+        self.generators = [
+            make_generator(p.seed, self.device) if p.seed is not None and not p.greedy else None
+            for p in self.params
+        ]
+        self.stop_ids = [set(p.stop_token_ids) for p in self.params]
+        self.finish_reasons: list[FinishReason | None] = [None] * len(prompts)
+        self.next_pos = list(lengths)  # per row: where the next fed token is written
+        self.last_tokens: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        if any(p.repetition_penalty != 1.0 for p in self.params):
+            padded = torch.full((len(prompts), max(lengths)), -1, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                padded[i, : len(p)] = torch.tensor(p)
+            self.seen = build_seen_mask(padded.to(self.device), model.config.vocab_size, pad_id=-1)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    def finish(self, row: int, reason: FinishReason = "stop") -> None:
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    @torch.inference_mode()
+    def step(self) -> list[int | None]:
+        """Sample the next token of every unfinished row; None for rows already finished or stopping now.
+
+        A row that samples one of its stop ids gets None and finish reason "stop" (the stop id is not output).
+        """
+        if self.done:
+            raise RuntimeError("generation is finished; check `done` before calling step()")
+        logits = self._prefill() if self.last_tokens is None else self._decode()
+        tokens = sample(
+            logits, self.params, self.generators, seen_mask=self.seen, valid_vocab_size=self.valid_vocab_size
+        )
+        out: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if self.finish_reasons[row] is not None:
+                out.append(None)
+            elif token in self.stop_ids[row]:
+                self.finish_reasons[row] = "stop"
+                out.append(None)
+            else:
+                out.append(token)
+                # This token goes to position next_pos; the row may hold positions up to limit - 1.
+                if self.next_pos[row] + 1 >= self.limits[row]:
+                    self.finish_reasons[row] = "length"
+        if self.seen is not None:
+            update_seen_mask(self.seen, tokens)
+        self.last_tokens = tokens
+        return out
+
+    def _prefill(self) -> torch.Tensor:
+        bsz, longest = len(self.prompts), max(self.prompt_lengths)
+        ids = torch.zeros((bsz, longest), dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        last = torch.tensor(self.prompt_lengths, device=self.device) - 1  # [B] index of each row's last token
+        logits = torch.empty((bsz, self.model.config.vocab_size), device=self.device)
+        for start in range(0, longest, PREFILL_CHUNK):
+            chunk = ids[:, start : start + PREFILL_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[1], device=self.device).expand(bsz, -1)
+            index = (last - start).clamp(0, chunk.shape[1] - 1)
+            out = self.model(chunk, positions, self.cache, self.alpha, output_index=index)  # [B, V]
+            in_chunk = (last >= start) & (last < start + chunk.shape[1])
+            logits[in_chunk] = out[in_chunk]
+        return logits
+
+    def _decode(self) -> torch.Tensor:
+        assert self.last_tokens is not None
+        running = [r is None for r in self.finish_reasons]
+        # Finished rows are fed at position 0: their cache row is dead, and their logits are ignored.
+        feed = [pos if run else 0 for pos, run in zip(self.next_pos, running, strict=True)]
+        positions = torch.tensor(feed, device=self.device)[:, None]
+        logits = self.model(self.last_tokens[:, None], positions, self.cache, self.alpha)[:, 0]  # [B, V]
+        self.next_pos = [pos + run for pos, run in zip(self.next_pos, running, strict=True)]
+        return logits
+
+
+class _RowText:
+    """Text of one row: ids -> UTF-8-safe deltas -> stop-string hold-back."""
+
+    def __init__(
+        self, tokenizer: QWenTokenizer, stops: Sequence[str], skip_special: bool, errors: str | None
+    ):
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special, errors=errors)
+        self.matcher = StopStringMatcher(stops)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self.matcher.push(self.decoder.push(token))
+
+    def close(self) -> str:
+        text, stopped = self.matcher.push(self.decoder.flush())
+        return text if stopped else text + self.matcher.flush()
+
+
+def stream(
+    model: QWenLMHeadModel,
+    tokenizer: QWenTokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    skip_special_tokens: bool = False,
+    errors: str | None = None,
+) -> Iterator[Chunk]:
+    """Generate from one prompt as a stream of chunks; the last chunk carries the finish reason.
+
+    Stop strings (`params.stop`) never appear: text that may still become one is held back until the match
+    fails. Stop token ids end generation and are not part of the output.
+    """
+    gen = TokenGenerator(model, [prompt_ids], params, valid_vocab_size=len(tokenizer))
+    row = _RowText(tokenizer, params.stop, skip_special_tokens, errors)
+    while not gen.done:
+        token = gen.step()[0]
+        if token is None:
+            break
+        text, stopped = row.push(token)
+        if stopped:
+            gen.finish(0, "stop")
+            yield Chunk(token, text, "stop")
+            return
+        if gen.done:
+            yield Chunk(token, text + row.close(), gen.finish_reasons[0])
+            return
+        yield Chunk(token, text)
+    yield Chunk(None, row.close(), gen.finish_reasons[0])
+
+
+def generate(
+    model: QWenLMHeadModel,
+    tokenizer: QWenTokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    **kwargs: bool | str | None,
+) -> GenerationResult:
+    """Generate from one prompt and return the whole result (text, ids, finish reason, timings)."""
+    start = last = time.perf_counter()
+    texts, ids, timings = [], [], []
+    finish: FinishReason = "length"
+    for chunk in stream(model, tokenizer, prompt_ids, params, **kwargs):
+        now = time.perf_counter()
+        texts.append(chunk.text)
+        if chunk.token_id is not None:
+            ids.append(chunk.token_id)
+            timings.append(now - last)
+        last = now
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+    prefill = timings[0] if timings else time.perf_counter() - start
+    return GenerationResult("".join(texts), ids, finish, len(prompt_ids), prefill, sum(timings[1:]), timings)
+
+
+def generate_batch(
+    model: QWenLMHeadModel,
+    tokenizer: QWenTokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    skip_special_tokens: bool = False,
+    errors: str | None = None,
+) -> list[GenerationResult]:
+    """Generate from several prompts together: one batched forward per step for all unfinished rows.
+
+    With greedy sampling each row equals the same prompt generated alone.
+    """
+    gen = TokenGenerator(model, prompts, params, valid_vocab_size=len(tokenizer))
+    rows = [_RowText(tokenizer, p.stop, skip_special_tokens, errors) for p in gen.params]
+    texts: list[list[str]] = [[] for _ in prompts]
+    ids: list[list[int]] = [[] for _ in prompts]
+    closed = [False] * len(prompts)
+    start = time.perf_counter()
+    prefill = 0.0
+    while not gen.done:
+        for i, token in enumerate(gen.step()):
+            if token is None:
+                continue
+            ids[i].append(token)
+            text, stopped = rows[i].push(token)
+            texts[i].append(text)
+            if stopped:
+                gen.finish(i, "stop")
+                closed[i] = True
+        prefill = prefill or time.perf_counter() - start
+    for i, row in enumerate(rows):
+        if not closed[i]:
+            texts[i].append(row.close())
+    total = time.perf_counter() - start
+    return [
+        GenerationResult("".join(t), i, r or "length", len(p), prefill, total - prefill)
+        for t, i, r, p in zip(texts, ids, gen.finish_reasons, prompts, strict=True)
+    ]
