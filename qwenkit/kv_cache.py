@@ -48,6 +48,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows `start..stop-1` that shares this cache's memory: a server prefills one request
+        into its slot through such a view while the other slots keep their contents."""
+        if not 0 <= start < stop <= self.max_batch_size:
+            raise ValueError(f"rows must satisfy 0 <= start < stop <= {self.max_batch_size}, got {start}, {stop}")
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.n_layers, view.max_batch_size, view.max_seq_len = self.n_layers, stop - start, self.max_seq_len
+        view.register_buffer("k", self.k[:, start:stop], persistent=False)
+        view.register_buffer("v", self.v[:, start:stop], persistent=False)
+        return view
+
     def reset(self) -> None:
         """Zero the buffers. Reusing a cache for new sequences never needs this: a query at position p attends
         to indices 0..p of its own row only, and those are written for the current sequence (at prefill or by

@@ -283,3 +283,16 @@ def test_config_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         QwenConfig.from_file(tmp_path / "bad.json")
+
+
+def test_cache_rows_view_prefills_one_slot(make_tiny_model):
+    model = make_tiny_model()
+    cache = model.new_cache(3, 32)
+    ids = torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        via_slot = model(ids, cache=cache.rows(2, 3))[0, -1]
+        full = model(ids)[0, -1]
+    torch.testing.assert_close(via_slot, full, atol=1e-5, rtol=0)
+    assert cache.k[:, 2, :, :5].abs().sum() > 0 and cache.k[:, :2].abs().sum() == 0
+    with pytest.raises(ValueError, match="rows"):
+        cache.rows(2, 4)
