@@ -52,7 +52,9 @@ class KVCache(nn.Module):
         """A cache over rows `start..stop-1` that shares this cache's memory: a server prefills one request
         into its slot through such a view while the other slots keep their contents."""
         if not 0 <= start < stop <= self.max_batch_size:
-            raise ValueError(f"rows must satisfy 0 <= start < stop <= {self.max_batch_size}, got {start}, {stop}")
+            raise ValueError(
+                f"rows must satisfy 0 <= start < stop <= {self.max_batch_size}, got {start}, {stop}"
+            )
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
         view.n_layers, view.max_batch_size, view.max_seq_len = self.n_layers, stop - start, self.max_seq_len

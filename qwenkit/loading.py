@@ -1,0 +1,410 @@
+"""`load()`: a Qwen (v1) checkpoint directory or hub id -> (`QWenLMHeadModel`, `QWenTokenizer`).
+
+Finds the weight files of the official layout (safetensors, single or sharded; or `pytorch_model*.bin`), checks
+every key and shape against the config before reading any data, then fills a model built on the meta device
+tensor by tensor, so the weights exist once in memory. Code in the model directory is never run. Quantized
+weights are left to `qwenkit.quant`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .config import QwenConfig
+from .model import QWenLMHeadModel
+from .tokenizer import QWenTokenizer
+from .vocab import VOCAB_FILE_NAME
+
+# What the official Qwen-*-Chat generation_config.json holds; used when a directory has none.
+OFFICIAL_GENERATION_CONFIG: dict[str, Any] = {
+    "chat_format": "chatml",
+    "do_sample": True,
+    "eos_token_id": 151643,
+    "max_new_tokens": 512,
+    "max_window_size": 6144,
+    "pad_token_id": 151643,
+    "repetition_penalty": 1.1,
+    "top_k": 0,
+    "top_p": 0.8,
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# Bytes copied per step when filling a tensor: bounds the transient memory of a dtype conversion.
+_CHUNK_BYTES = 64 << 20
+_FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def load(
+    model: str | os.PathLike[str],
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    *,
+    progress: bool | None = None,
+) -> tuple[QWenLMHeadModel, QWenTokenizer]:
+    """Load a Qwen (v1) checkpoint for inference.
+
+    `model` is a directory in the official Hugging Face layout or a hub id such as `Qwen/Qwen-1_8B-Chat`
+    (resolved through the Hugging Face cache). `dtype` is "auto" (bf16 on CUDA when supported, else fp16 on
+    CUDA; fp32 on CPU), "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" or a torch.dtype; `device` is
+    "auto" (CUDA if available) or any torch device. `progress` shows a bar (None: only when stderr is a
+    terminal). Returns the model in eval mode without gradients, with `.config` (QwenConfig) and
+    `.generation_config` (dict), and the tokenizer of the directory. Every tensor is checked before any is
+    read: a missing, unexpected, misshapen or unreadable one raises ValueError/FileNotFoundError naming it.
+    """
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    model_dir = resolve_model_dir(model)
+    config = QwenConfig.from_file(model_dir / "config.json")
+    tokenizer = QWenTokenizer.from_pretrained(model_dir)  # before the weights: a missing vocab fails fast
+
+    net = QWenLMHeadModel(config, dtype=target_dtype, device="meta")
+    aliases = _tied_aliases(net)
+    expected = {k: v for k, v in net.state_dict().items() if k not in aliases}
+    paths, weight_map = find_weight_files(model_dir)
+    files = [_open_weights(path) for path in paths]
+    if weight_map is not None:
+        _check_index(files, weight_map)
+    _check_layout(files, expected, config, model_dir)
+
+    show = sys.stderr.isatty() if progress is None else progress
+    state = _read_state(files, expected, target_device, show)
+    for alias, canonical in aliases.items():
+        state[alias] = state[canonical]
+    net.load_state_dict(state, strict=True, assign=True)
+    _retie(net, aliases)
+    _check_materialized(net)
+
+    net.generation_config = read_generation_config(model_dir)
+    net.eval().requires_grad_(False)
+    return net, tokenizer
+
+
+# ---- arguments -------------------------------------------------------------------------------------------------
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" or a torch.dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}; valid: {', '.join(DTYPES)} or the matching torch.dtype")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`parse_dtype`, plus "auto": bf16 on CUDA when supported, else fp16 on CUDA, fp32 elsewhere."""
+    if isinstance(dtype, str) and dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(
+            f"unsupported dtype {dtype!r}; valid: auto, {', '.join(DTYPES)} or the matching torch.dtype"
+        ) from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Device "auto" -> cuda if available else cpu; otherwise a torch device that exists on this machine."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if resolved.type == "meta":
+        raise ValueError("device 'meta' holds no data; valid: auto, cpu, cuda, cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return resolved
+
+
+# ---- finding files ---------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """A local checkpoint directory, or the Hugging Face cache snapshot of a hub id (downloaded when online)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{str(path)!r} is a file; pass the checkpoint directory that contains it")
+    if not _HUB_ID.match(str(model)):
+        raise FileNotFoundError(
+            f"{str(model)!r} is not a directory and does not look like a hub id (owner/name, e.g. "
+            "Qwen/Qwen-1_8B-Chat); pass the directory holding config.json and the weights"
+        )
+    return Path(_download(str(model)))
+
+
+def _download(repo_id: str) -> str:
+    """Fetch config, tokenizer and weights (safetensors, else .bin) of `repo_id` through the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    common = ["*.json", VOCAB_FILE_NAME]
+    try:
+        snapshot = snapshot_download(repo_id, allow_patterns=[*common, "*.safetensors"])
+        if not any(Path(snapshot).glob("*.safetensors")):  # older repos only ship pytorch_model*.bin
+            snapshot = snapshot_download(repo_id, allow_patterns=[*common, "*.bin"])
+    # Hub failures are OSError (HTTP, offline, not cached) or ValueError (malformed id).
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not get {repo_id!r} from the Hugging Face Hub and no complete copy is cached "
+            f"({type(e).__name__}: {e}). On a connected machine run `hf download {repo_id} --local-dir DIR` "
+            f"(older huggingface_hub: `huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here "
+            "and pass its path"
+        ) from e
+    return snapshot
+
+
+def find_weight_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of `model_dir` (safetensors first, then pytorch_model*.bin) and the index's weight_map.
+
+    The weight_map ({tensor: file name}) is None for a single-file checkpoint.
+    """
+    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_FILE), (BIN_INDEX, BIN_FILE)):
+        if (model_dir / index_name).is_file():
+            return _files_from_index(model_dir / index_name)
+        if (model_dir / single_name).is_file():
+            return [model_dir / single_name], None
+    raise FileNotFoundError(
+        f"no weights in {model_dir}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} with its shards, "
+        f"{BIN_FILE} or {BIN_INDEX}; download the complete checkpoint"
+    )
+
+
+def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no 'weight_map'; re-download the checkpoint")
+    names = list(dict.fromkeys(weight_map.values()))  # shard order as listed, each once
+    missing = [n for n in names if not (index_path.parent / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{index_path.name} lists shard(s) missing from {index_path.parent}: {', '.join(missing)}; "
+            "download the missing files"
+        )
+    return [index_path.parent / n for n in names], weight_map
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """`generation_config.json` as a dict; the official Qwen-Chat defaults when the file is missing."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return dict(OFFICIAL_GENERATION_CONFIG)
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; fix or re-download it")
+    return data
+
+
+# ---- reading tensors -------------------------------------------------------------------------------------------
+
+
+class _SafetensorsWeights:
+    """One safetensors file: names and shapes from its header, data copied chunk by chunk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with safe_open(path, framework="pt") as f:  # validates the header and the file length
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                self.entries = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({e}); it is probably truncated or corrupt: "
+                "re-download it"
+            ) from e
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def copy_into(self, key: str, dst: torch.Tensor) -> None:
+        # A safe_open handle keeps every page it has read mapped (and counted in RSS) until it closes, so it
+        # is reopened per chunk: peak memory stays at the model plus about one chunk, also when converting.
+        shape = self.entries[key][0]
+        if not shape or dst.nbytes <= _CHUNK_BYTES:
+            with safe_open(self.path, framework="pt") as f:
+                dst.copy_(f.get_tensor(key))
+            return
+        rows = max(1, _CHUNK_BYTES * shape[0] // dst.nbytes)
+        for start in range(0, shape[0], rows):
+            with safe_open(self.path, framework="pt") as f:
+                dst[start : start + rows].copy_(f.get_slice(key)[start : start + rows])
+
+    def close(self) -> None:
+        pass
+
+
+class _TorchBinWeights:
+    """One pytorch_model*.bin file, memory-mapped and read without unpickling code (weights_only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError ... for bad files
+            raise ValueError(f"{path} is not a readable PyTorch weights file ({e}); re-download it") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} does not hold a flat dict of tensors (a state dict); re-download it")
+        self.state: dict[str, torch.Tensor] | None = state
+        self.entries = {k: (tuple(v.shape), _dtype_code(v.dtype)) for k, v in state.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def copy_into(self, key: str, dst: torch.Tensor) -> None:
+        assert self.state is not None, "copy_into after close"
+        dst.copy_(self.state[key])
+
+    def close(self) -> None:
+        self.state = None
+
+
+_Weights = _SafetensorsWeights | _TorchBinWeights
+
+
+def _read_state(
+    files: list[_Weights], expected: dict[str, torch.Tensor], device: torch.device, show_progress: bool
+) -> dict[str, torch.Tensor]:
+    """Each tensor allocated once with its final dtype/device (from `expected`, meta) and filled in place."""
+    state: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(expected), unit="tensor", desc="Loading weights", disable=not show_progress) as bar:
+        for source in files:
+            bar.set_postfix_str(source.path.name)
+            for key in source.keys():
+                meta = expected[key]
+                state[key] = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+                source.copy_into(key, state[key])
+                bar.update()
+            source.close()  # releases the file mapping before the next shard is read
+    return state
+
+
+def _open_weights(path: Path) -> _Weights:
+    return _SafetensorsWeights(path) if path.suffix == ".safetensors" else _TorchBinWeights(path)
+
+
+def _dtype_code(dtype: torch.dtype) -> str:
+    return next((code for code, d in _FLOAT_CODES.items() if d == dtype), str(dtype))
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+
+
+def _check_layout(
+    files: list[_Weights], expected: dict[str, torch.Tensor], config: QwenConfig, where: Path
+) -> None:
+    """Every expected tensor exactly once, nothing else, with the shape the config implies and a float dtype."""
+    found: dict[str, Path] = {}
+    for source in files:
+        for key, (shape, code) in source.entries.items():
+            if key in found:
+                raise ValueError(
+                    f"tensor {key!r} is stored twice: in {found[key].name} and {source.path.name}"
+                )
+            found[key] = source.path
+            if key in expected and shape != tuple(expected[key].shape):
+                raise ValueError(
+                    f"tensor {key!r} in {source.path.name} has shape {list(shape)} but config.json implies "
+                    f"{list(expected[key].shape)}: the config does not match the weights (wrong config.json "
+                    "or a different model size?)"
+                )
+            if key in expected and code not in _FLOAT_CODES:
+                raise ValueError(
+                    f"tensor {key!r} in {source.path.name} is stored as {code}, not a float type; "
+                    "quantized checkpoints are not loaded by load()"
+                )
+    for problem, keys in (
+        ("has tensors the model does not have", [k for k in found if k not in expected]),
+        ("lacks tensors the model needs", [k for k in expected if k not in found]),
+    ):
+        if keys:
+            layers = any(k.startswith("transformer.h.") for k in keys)
+            hint = (
+                f" (does num_hidden_layers={config.num_hidden_layers} in config.json match?)"
+                if layers
+                else ""
+            )
+            raise ValueError(f"{where} {problem}: {_some(keys)}{hint}")
+
+
+def _check_index(files: list[_Weights], weight_map: dict[str, str]) -> None:
+    """The index must describe the shards exactly; a disagreement means a stale or mixed-up download."""
+    for source in files:
+        listed = {k for k, name in weight_map.items() if name == source.path.name}
+        stray = [k for k in source.entries if k not in listed]
+        absent = [k for k in listed if k not in source.entries]
+        if stray or absent:
+            problem = f"lists {_some(absent)}, absent from the file" if absent else f"omits {_some(stray)}"
+            raise ValueError(
+                f"the index disagrees with shard {source.path.name}: it {problem}; re-download the checkpoint"
+            )
+
+
+def _some(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _tied_aliases(net: torch.nn.Module) -> dict[str, str]:
+    """{alias: canonical} for parameters registered under two names (tied embeddings), canonical = first."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in net.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _retie(net: torch.nn.Module, aliases: dict[str, str]) -> None:
+    """`assign=True` gives each name its own Parameter object; make aliases the very same Parameter again."""
+    for alias, canonical in aliases.items():
+        owner, _, leaf = alias.rpartition(".")
+        setattr(net.get_submodule(owner), leaf, net.get_parameter(canonical))
+
+
+def _check_materialized(net: torch.nn.Module) -> None:
+    # A buffer the model computes in __init__ (and does not save) would still be on meta here: load() would have
+    # to rebuild it. The model has none today; fail loudly if one appears.
+    left = [name for name, t in _named_tensors(net) if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left}"
+
+
+def _named_tensors(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from net.named_parameters()
+    yield from net.named_buffers()
