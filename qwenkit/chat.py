@@ -14,33 +14,21 @@ from typing import Any
 
 import torch
 
-from .chat_format import DEFAULT_SYSTEM, History, make_context
+from .chat_format import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, History, make_context
 from .chat_format import stop_words_ids as chat_stop_words_ids
 from .generate import generate, generate_batch, stream
+from .loading import OFFICIAL_GENERATION_CONFIG
 from .model import QWenLMHeadModel
 from .sampling import SamplingParams
 from .tokenizer import QWenTokenizer
 from .vocab import official_vocab_file
-
-# Qwen-1.8B-Chat's generation_config.json, used when a model carries none.
-QWEN_CHAT_GENERATION_CONFIG: dict[str, Any] = {
-    "chat_format": "chatml",
-    "do_sample": True,
-    "eos_token_id": 151643,
-    "max_new_tokens": 512,
-    "max_window_size": 6144,
-    "pad_token_id": 151643,
-    "repetition_penalty": 1.1,
-    "top_k": 0,
-    "top_p": 0.8,
-}
 
 
 def resolve_generation_config(model: QWenLMHeadModel, generation_config: Any = None) -> dict[str, Any]:
     """The generation config to use: the given one (dict or object with `to_dict()`), else the model's."""
     cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if cfg is None:
-        return dict(QWEN_CHAT_GENERATION_CONFIG)
+        return dict(OFFICIAL_GENERATION_CONFIG)  # a model built without load()
     if hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
     if not isinstance(cfg, Mapping):
@@ -48,7 +36,7 @@ def resolve_generation_config(model: QWenLMHeadModel, generation_config: Any = N
     return dict(cfg)
 
 
-def _chat_setup(
+def prepare_chat(
     model: QWenLMHeadModel,
     tokenizer: QWenTokenizer,
     query: str,
@@ -58,9 +46,12 @@ def _chat_setup(
     generation_config: Any,
     kwargs: dict[str, Any],
 ) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling params for one chat turn (`kwargs` are the model card's overrides)."""
     cfg = resolve_generation_config(model, generation_config)
     chat_format = cfg.get("chat_format", "chatml")
-    max_window_size = kwargs.pop("max_window_size", None) or cfg.get("max_window_size", 6144)
+    max_window_size = kwargs.pop("max_window_size", None) or cfg.get(
+        "max_window_size", DEFAULT_MAX_WINDOW_SIZE
+    )
     _, context_tokens = make_context(tokenizer, query, history, system, max_window_size, chat_format)
     stop_words = [*(stop_words_ids or []), *chat_stop_words_ids(tokenizer, chat_format)]
     params = _sampling_params(tokenizer, cfg, stop_words, kwargs)
@@ -105,7 +96,7 @@ def chat(
     official `model.chat` does.
     """
     history = [tuple(turn) for turn in (history or [])]
-    prompt, params = _chat_setup(
+    prompt, params = prepare_chat(
         model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     response = generate(model, tokenizer, prompt, params, errors="replace").text.strip()
@@ -124,7 +115,7 @@ def chat_stream(
 ) -> Iterator[str]:
     """Yield the cumulative response text as it grows (the official `chat_stream` contract), built from
     UTF-8-safe deltas: no broken characters, no special tokens, no re-decoding of the whole reply."""
-    prompt, params = _chat_setup(
+    prompt, params = prepare_chat(
         model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     text = ""

@@ -24,6 +24,70 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .chat import resolve_generation_config
+    from .cli_chat import check_settings
+    from .generate import stream
+    from .loading import load
+    from .sampling import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    cfg = resolve_generation_config(model)
+    conf = _sampling_overrides(args)
+    check_settings(cfg, conf)
+    params = SamplingParams.from_generation_config(cfg, **conf, seed=args.seed)
+    ids = tokenizer.encode(prompt, allowed_special=set())  # user text is plain text
+    try:
+        for chunk in stream(model, tokenizer, ids, params):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .cli_chat import main_chat
+
+    return main_chat(args)
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
+    names = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+    conf: dict[str, object] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.greedy:
+        conf["do_sample"] = False
+    return conf
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m", "--model", required=True,
+        help="model directory in the official layout, or a hub id such as Qwen/Qwen-1_8B-Chat",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default="auto", help="auto (default: bf16/fp16 on GPU, fp32 on CPU), bf16, fp16, fp32"
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, ..."
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the model's generation_config.json)")
+    g.add_argument("--seed", type=int, default=None, help="random seed; the same seed repeats an answer")
+    g.add_argument("--temperature", type=float, default=None, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 = off (Qwen chat uses 1.1)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="upper bound on the answer length")
+    g.add_argument(
+        "--greedy", action="store_true", help="always pick the most likely token (do_sample=False)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenkit",
@@ -50,6 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     p.set_defaults(handler=_make_checkpoint)
+
+    p = sub.add_parser(
+        "chat",
+        help="interactive streaming chat in the terminal",
+        description="Chat with a Qwen chat model. On a terminal: type a message and press Enter; :help lists "
+        "the commands, Ctrl-C stops an answer, Ctrl-D or :q exits. With stdin from a pipe or file: one query "
+        "per line, one answer per query on stdout.",
+    )
+    _add_model_args(p)
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--max-window-size", type=int, default=None, help="token budget for system + history")
+    p.add_argument("--verbose", action="store_true", help="print token counts and tokens/s after each answer")
+    _add_sampling_args(p)
+    p.set_defaults(handler=_chat)
+
+    p = sub.add_parser(
+        "generate",
+        help="print a raw continuation of a text (streamed)",
+        description="Continue PROMPT with the model, without any chat template (use '-' to read stdin).",
+    )
+    _add_model_args(p)
+    p.add_argument("prompt", help="text to continue, or - for stdin")
+    _add_sampling_args(p)
+    p.set_defaults(handler=_generate)
     return parser
 
 
