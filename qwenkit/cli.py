@@ -48,6 +48,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_result, run_bench, write_json
+
+    result = run_bench(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, gen_tokens=args.gen,
+        prompt_tokens=args.prompt_len, runs=args.runs, threads=args.threads, memory=not args.no_memory,
+    )  # fmt: skip
+    print(format_result(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from .cli_chat import main_chat
 
@@ -138,6 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="text to continue, or - for stdin")
     _add_sampling_args(p)
     p.set_defaults(handler=_generate)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure speed and memory (the model card's profile)",
+        description="Measure decode speed (N tokens after a 1-token context, greedy, never stopping early), "
+        "prefill speed, and peak memory for encoding 2048 tokens and for generating at the end of an 8192-token "
+        "context. Without -m, a full-size synthetic Qwen-1.8B checkpoint is created once in ~/.cache/qwenkit "
+        "(or $QWENKIT_CACHE) and measured, so it works offline.",
+    )
+    p.add_argument("-m", "--model", default=None, help="model directory or hub id (default: synthetic 1.8B)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32, auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization at load"
+    )
+    p.add_argument(
+        "--gen", type=int, default=256, help="tokens to generate for the speed figure (default 256)"
+    )
+    p.add_argument(
+        "--prompt-len", type=int, default=512, help="prompt length for the prefill figure (default 512)"
+    )
+    p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--no-memory", action="store_true", help="skip the two peak-memory cases")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the figures as JSON")
+    p.set_defaults(handler=_bench)
     return parser
 
 
