@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qwenkit.config import PRESET_NAMES, QwenConfig, preset
+from qwenkit.interop import qwen2_config_kwargs, to_qwen2_state_dict
 from qwenkit.kv_cache import KVCache
 from qwenkit.model import QWenLMHeadModel
 
@@ -19,40 +20,10 @@ def _hf_model(model: QWenLMHeadModel, attn: str = "eager"):
     """transformers' Qwen2ForCausalLM carrying our weights (c_attn split, w2 is the gate)."""
     transformers = pytest.importorskip("transformers")
     c = model.config
-    hf_config = transformers.Qwen2Config(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.ffn_hidden,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_attention_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.layer_norm_epsilon,
-        rope_theta=float(c.rotary_emb_base),
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    )
+    hf_config = transformers.Qwen2Config(**{**qwen2_config_kwargs(c), "tie_word_embeddings": False})
     hf_config._attn_implementation = attn
     hf = transformers.Qwen2ForCausalLM(hf_config).eval()
-    ours = model.state_dict()
-    sd = {
-        "model.embed_tokens.weight": ours["transformer.wte.weight"],
-        "model.norm.weight": ours["transformer.ln_f.weight"],
-        "lm_head.weight": ours["lm_head.weight"],
-    }
-    for i in range(c.num_hidden_layers):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            wq, wk, wv = ours[p + f"attn.c_attn.{kind}"].chunk(3, dim=0)
-            sd[q + f"self_attn.q_proj.{kind}"] = wq
-            sd[q + f"self_attn.k_proj.{kind}"] = wk
-            sd[q + f"self_attn.v_proj.{kind}"] = wv
-        sd[q + "self_attn.o_proj.weight"] = ours[p + "attn.c_proj.weight"]
-        sd[q + "mlp.up_proj.weight"] = ours[p + "mlp.w1.weight"]
-        sd[q + "mlp.gate_proj.weight"] = ours[p + "mlp.w2.weight"]
-        sd[q + "mlp.down_proj.weight"] = ours[p + "mlp.c_proj.weight"]
-        sd[q + "input_layernorm.weight"] = ours[p + "ln_1.weight"]
-        sd[q + "post_attention_layernorm.weight"] = ours[p + "ln_2.weight"]
+    sd = to_qwen2_state_dict(model.state_dict(), c)
     hf.load_state_dict(sd, strict=True)
     return hf
 
