@@ -32,6 +32,14 @@ SYSTEMS = [
 ]  # fmt: skip
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def peak_rss_gb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -259,7 +267,7 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
     lens = args.prompt_lens
     head = "| system | decode tok/s | vs transformers bf16 | " + " | ".join(f"prefill {n} tok/s" for n in lens)
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; "
         f"torch {__import__('torch').__version__}; checkpoint {Path(args.checkpoint).name}; decode {args.gen} "
         f"tokens after a 1-token prompt, greedy; medians of {args.runs} runs.",
         "",
