@@ -6,7 +6,7 @@ Every case runs alone in a fresh process (so its peak RSS is its own) with the s
 - peak RSS of the whole case (VmHWM).
 Checkpoint: the full-size synthetic Qwen-1.8B (random bf16 weights, official layout) unless --checkpoint is given.
 
-Set up (once): pip install -e ".[test]" gguf && CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
+Set up (once): pip install -e ".[test]" && CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python (builds llama.cpp, ~15 min on 2 cores)
 Run:           python benchmarks/peers.py --threads 2 --out benchmarks/RESULTS.md
 llama.cpp's GGUF files are converted from the same checkpoint with the converter in llama-cpp-python's source
 distribution (fetched with pip download), fed with qwenkit's tokenizer instead of transformers' remote code.
@@ -28,7 +28,7 @@ from pathlib import Path
 SYSTEMS = [
     "qwenkit-fp32", "qwenkit-bf16", "qwenkit-int8", "qwenkit-int4",
     "transformers-fp32", "transformers-bf16",
-    "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q8_0-noamx", "llama.cpp-q4_0-noamx",
+    "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q8_0-norepack", "llama.cpp-q4_0-norepack",
 ]  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def work_llamacpp(gguf: str, threads: int, gen: int, lens: list[int], runs: int,
     import llama_cpp
     import llama_cpp.llama_cpp as capi
 
-    if not extra_bufts:  # the --no-extra-bufts workaround: no AMX repacking of q8_0/q4_0 weights
+    if not extra_bufts:  # --no-extra-bufts: no runtime repacking of q8_0/q4_0 weights (the AMX/AVX path that crashes on some CPUs)
         default_params = capi.llama_model_default_params
 
         def params_without_extra_bufts():
@@ -166,8 +166,16 @@ def llama_src(cache: Path) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={version}", "-d", str(cache)], check=True)  # fmt: skip
         with tarfile.open(cache / f"llama_cpp_python-{version}.tar.gz") as tar:
-            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
-                m.name.endswith("convert_hf_to_gguf.py") or "/gguf-py/" in m.name or "/conversion/" in m.name)]
+            members = [
+                m
+                for m in tar.getmembers()
+                if "/vendor/llama.cpp/" in m.name
+                and (
+                    m.name.endswith("convert_hf_to_gguf.py")
+                    or "/gguf-py/" in m.name
+                    or "/conversion/" in m.name
+                )
+            ]
             tar.extractall(cache, members=members, filter="data")
     return src
 
@@ -199,7 +207,9 @@ def quantize_gguf(src: Path, dst: Path, kind: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[
+        kind
+    ]
     params.nthread = os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {kind} failed")
@@ -236,7 +246,9 @@ def run_case(system: str, args: argparse.Namespace) -> dict:
     except subprocess.TimeoutExpired:
         return {"system": system, "error": f"timed out after {args.timeout} s"}
     if out.returncode != 0:
-        reason = f"crashed (signal {-out.returncode})" if out.returncode < 0 else f"failed (exit {out.returncode})"
+        reason = (
+            f"crashed (signal {-out.returncode})" if out.returncode < 0 else f"failed (exit {out.returncode})"
+        )
         return {"system": system, "error": reason, "stderr": out.stderr[-1500:]}
     return {"system": system, **json.loads(out.stdout.strip().splitlines()[-1])}
 
@@ -254,9 +266,9 @@ def worker(spec: list[str]) -> None:
     elif family == "transformers":
         result = work_transformers(ckpt, variant, gen_i, lens_l, runs_i)
     else:
-        kind, _, amx = variant.partition("-")
+        kind, _, repack = variant.partition("-")
         path = gguf_file(ckpt, Path(cache), kind)
-        result = work_llamacpp(str(path), threads_i, gen_i, lens_l, runs_i, extra_bufts=amx != "noamx")
+        result = work_llamacpp(str(path), threads_i, gen_i, lens_l, runs_i, extra_bufts=repack != "norepack")
     print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
 
 
@@ -265,7 +277,9 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
     base = med.get("transformers-bf16", {})
     base_decode = statistics.median(base["decode"]) if "decode" in base else None
     lens = args.prompt_lens
-    head = "| system | decode tok/s | vs transformers bf16 | " + " | ".join(f"prefill {n} tok/s" for n in lens)
+    head = "| system | decode tok/s | vs transformers bf16 | " + " | ".join(
+        f"prefill {n} tok/s" for n in lens
+    )
     lines = [
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; "
         f"torch {__import__('torch').__version__}; checkpoint {Path(args.checkpoint).name}; decode {args.gen} "
