@@ -17,18 +17,11 @@ from .chat import prepare_chat, resolve_generation_config
 from .chat_format import DEFAULT_SYSTEM
 from .generate import stream
 from .model import QWenLMHeadModel
-from .sampling import SamplingParams
+from .sampling import OVERRIDE_KEYS, SamplingParams
 from .tokenizer import QWenTokenizer
 
-CONF_KEYS = (
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "max_new_tokens",
-    "max_window_size",
-)
+# What :conf may change: the model card's generation settings (seed has its own command).
+CONF_KEYS = tuple(k for k in OVERRIDE_KEYS if k not in ("seed", "stop", "stop_token_ids"))
 
 HELP = """Commands:
   :help / :h                show this help

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 # Keys `from_generation_config` accepts as overrides (the model card's kwargs names plus our field names).
-_OVERRIDE_KEYS = (
+OVERRIDE_KEYS = (
     "do_sample",
     "temperature",
     "top_p",
@@ -87,10 +87,10 @@ class SamplingParams:
         `max_window_size` is accepted and ignored: it bounds the prompt, which is chat_format's job, so callers
         may forward the model card's kwargs unfiltered.
         """
-        unknown = sorted(set(overrides) - set(_OVERRIDE_KEYS))
+        unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
         if unknown:
             raise ValueError(
-                f"unknown sampling option(s) {unknown}; valid options: {', '.join(_OVERRIDE_KEYS)}"
+                f"unknown sampling option(s) {unknown}; valid options: {', '.join(OVERRIDE_KEYS)}"
             )
         given = {k: v for k, v in overrides.items() if v is not None}
 
