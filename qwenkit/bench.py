@@ -72,7 +72,7 @@ def measure_decode(model: QWenLMHeadModel, n_tokens: int, valid_vocab: int) -> f
     """Tokens/s of the decode steps that follow a 1-token prompt (the prefill step is not counted)."""
     params = SamplingParams(temperature=0, max_new_tokens=n_tokens + 1)
     gen = TokenGenerator(model, [[100]], params, valid_vocab_size=valid_vocab)
-    device = model.lm_head.weight.device
+    device = model.device
     gen.step()  # prefill + first token
     _sync(device)
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def measure_decode(model: QWenLMHeadModel, n_tokens: int, valid_vocab: int) -> f
 @torch.inference_mode()
 def measure_prefill(model: QWenLMHeadModel, n_tokens: int) -> float:
     """Tokens/s of one prefill pass over `n_tokens` tokens into a fresh cache (logits of the last one only)."""
-    device = model.lm_head.weight.device
+    device = model.device
     ids = torch.randint(0, 151000, (1, n_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     cache = model.new_cache(1, n_tokens)
     last = torch.tensor([n_tokens - 1], device=device)
@@ -98,7 +98,7 @@ def measure_prefill(model: QWenLMHeadModel, n_tokens: int) -> float:
 
 @torch.inference_mode()
 def _memory_case(model: QWenLMHeadModel, case: str) -> None:
-    device = model.lm_head.weight.device
+    device = model.device
     if case == "encode":  # encode 2048 tokens as context and generate one token
         gen = TokenGenerator(model, [[100] * ENCODE_TOKENS], SamplingParams(temperature=0, max_new_tokens=1),
                              valid_vocab_size=151851)  # fmt: skip
@@ -142,7 +142,7 @@ def run_memory_case(
         f"torch.set_num_threads({threads})\n"
         f"m = bench._load({model!r}, {dtype!r}, {device!r}, {quantize!r})\n"
         f"bench._memory_case(m, {case!r})\n"
-        "print(json.dumps(bench.peak_memory_gb(m.lm_head.weight.device)))\n"
+        "print(json.dumps(bench.peak_memory_gb(m.device)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
@@ -169,8 +169,8 @@ def run_bench(
     torch.set_num_threads(threads)
     path = str(model) if model else str(default_checkpoint())
     net = _load(path, dtype, device, quantize)
-    dev = net.lm_head.weight.device
-    result = BenchResult(path, str(dev), str(net.lm_head.weight.dtype).replace("torch.", ""), quantize, threads,
+    dev = net.device
+    result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), quantize, threads,
                          gen_tokens, prompt_tokens)  # fmt: skip
     measure_decode(net, min(gen_tokens, 8), 151851)  # warm-up (allocator, oneDNN primitives)
     measure_prefill(net, min(prompt_tokens, 64))

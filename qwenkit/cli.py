@@ -61,10 +61,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .quant import QuantScheme, quantize_checkpoint
+
+    scheme = QuantScheme(QuantScheme.parse(args.to).bits, args.group_size, not args.no_lm_head)
+    out = quantize_checkpoint(args.model, args.out, scheme, device=args.device, overwrite=args.overwrite)
+    groups = "per output channel" if scheme.group_size == -1 else f"groups of {scheme.group_size}"
+    print(f"Wrote {args.model} quantized to {scheme.name} ({groups}) to {out}; open it with -m {out}")
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from .cli_chat import main_chat
 
     return main_chat(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server.run import serve
+    except ImportError as exc:
+        raise ValueError(f"{exc}; qwenkit serve needs the server extra: pip install 'qwenkit[server]'") from exc
+    return serve(args)
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -99,6 +117,43 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--greedy", action="store_true", help="always pick the most likely token (do_sample=False)"
     )
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (continuous batching, streaming, tools)",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /tokenize and /detokenize "
+        "with continuous batching. Needs the server extra: pip install 'qwenkit[server]'. See docs/server.md.",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set QWENKIT_API_KEY)"
+    )
+    p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="sequences that may wait; beyond: 429 (default 32)"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="allow this browser origin (repeatable)",
+    )
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: last part of -m)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's seq_length)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    p.add_argument("--log-prompts", action="store_true", help="log prompts (escaped); off by default")
+    p.set_defaults(handler=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the two peak-memory cases")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the figures as JSON")
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write a weight-only int8/int4 copy of a checkpoint (loads without re-quantizing)",
+        description="Quantize every transformer linear and the lm_head of a float checkpoint (int8: symmetric "
+        "per output channel; int4: asymmetric per group of inputs) and write the result in the official layout, "
+        "with the scheme in config.json. The embedding, norms and biases keep the checkpoint's dtype.",
+    )
+    p.add_argument("-m", "--model", required=True, help="float checkpoint directory or hub id")
+    p.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format")
+    p.add_argument(
+        "--group-size", type=int, default=None, help="inputs per scale (default: int4 128, int8 whole row)"
+    )
+    p.add_argument("--no-lm-head", action="store_true", help="keep lm_head in the float dtype")
+    p.add_argument(
+        "--device", default="auto", help="where to quantize: auto (default: cuda if available), cpu"
+    )
+    p.add_argument("-o", "--out", required=True, help="output directory (created)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
+    p.set_defaults(handler=_quantize)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -82,7 +82,7 @@ class TokenGenerator:
             )
         self.model = model
         self.valid_vocab_size = valid_vocab_size
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.prompt_lengths = lengths
         # Each row may run to its own prompt + max_new_tokens, capped by the context.
         self.limits = [

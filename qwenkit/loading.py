@@ -12,9 +12,9 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +24,9 @@ from .config import QwenConfig
 from .model import QWenLMHeadModel
 from .tokenizer import QWenTokenizer
 from .vocab import VOCAB_FILE_NAME
+
+if TYPE_CHECKING:
+    from .quant.scheme import QuantScheme
 
 # What the official Qwen-*-Chat generation_config.json holds; used when a directory has none.
 OFFICIAL_GENERATION_CONFIG: dict[str, Any] = {
@@ -56,6 +59,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Bytes copied per step when filling a tensor: bounds the transient memory of a dtype conversion.
 _CHUNK_BYTES = 64 << 20
 _FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Integer tensors of quantized checkpoints (qwenkit.quant): their stored type must match exactly.
+_INT_CODES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
 
 def load(
@@ -64,6 +69,7 @@ def load(
     device: str | torch.device = "auto",
     *,
     progress: bool | None = None,
+    quantize: str | QuantScheme | None = None,
 ) -> tuple[QWenLMHeadModel, QWenTokenizer]:
     """Load a Qwen (v1) checkpoint for inference.
 
@@ -74,6 +80,10 @@ def load(
     terminal). Returns the model in eval mode without gradients, with `.config` (QwenConfig) and
     `.generation_config` (dict), and the tokenizer of the directory. Every tensor is checked before any is
     read: a missing, unexpected, misshapen or unreadable one raises ValueError/FileNotFoundError naming it.
+
+    Quantization (`qwenkit.quant`): `quantize` "int8" / "int4" (or a `QuantScheme`) quantizes a float checkpoint
+    weight by weight as it is read. Checkpoints written by `qwenkit quantize` and official GPTQ ones (Int4/Int8)
+    load as they are stored, without re-quantizing; `quantize` may then only name their own bit width.
     """
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
@@ -81,17 +91,24 @@ def load(
     config = QwenConfig.from_file(model_dir / "config.json")
     tokenizer = QWenTokenizer.from_pretrained(model_dir)  # before the weights: a missing vocab fails fast
 
+    # -- quantization (qwenkit.quant): a plan for quantized checkpoints or quantize=; None for plain float --
+    from .quant.io import plan_load
+
+    plan = plan_load(config, model_dir, quantize)
+    # ----------------------------------------------------------------------------------------------------------
     net = QWenLMHeadModel(config, dtype=target_dtype, device="meta")
     aliases = _tied_aliases(net)
     expected = {k: v for k, v in net.state_dict().items() if k not in aliases}
     paths, weight_map = find_weight_files(model_dir)
     files = [_open_weights(path) for path in paths]
+    if plan is not None:  # what the files hold instead of float linears; may swap modules of `net` (quant)
+        expected = plan.expected(net, expected, {key for source in files for key in source.keys()})
     if weight_map is not None:
         _check_index(files, weight_map)
     _check_layout(files, expected, config, model_dir)
 
     show = sys.stderr.isatty() if progress is None else progress
-    state = _read_state(files, expected, target_device, show)
+    state = _read_state(files, expected, target_device, show, None if plan is None else plan.transform)
     for alias, canonical in aliases.items():
         state[alias] = state[canonical]
     net.load_state_dict(state, strict=True, assign=True)
@@ -297,17 +314,29 @@ _Weights = _SafetensorsWeights | _TorchBinWeights
 
 
 def _read_state(
-    files: list[_Weights], expected: dict[str, torch.Tensor], device: torch.device, show_progress: bool
+    files: list[_Weights],
+    expected: dict[str, torch.Tensor],
+    device: torch.device,
+    show_progress: bool,
+    transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each tensor allocated once with its final dtype/device (from `expected`, meta) and filled in place."""
+    """Each tensor allocated once with its final dtype/device (from `expected`, meta) and filled in place.
+
+    `transform` (quantization) maps each tensor as soon as it is read to the state entries it becomes.
+    """
     state: dict[str, torch.Tensor] = {}
     with tqdm(total=len(expected), unit="tensor", desc="Loading weights", disable=not show_progress) as bar:
         for source in files:
             bar.set_postfix_str(source.path.name)
             for key in source.keys():
                 meta = expected[key]
-                state[key] = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-                source.copy_into(key, state[key])
+                tensor = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+                source.copy_into(key, tensor)
+                if transform is None:
+                    state[key] = tensor
+                else:
+                    state.update(transform(key, tensor))
+                del tensor  # a transformed tensor is freed here, before the next one is read
                 bar.update()
             source.close()  # releases the file mapping before the next shard is read
     return state
@@ -318,7 +347,8 @@ def _open_weights(path: Path) -> _Weights:
 
 
 def _dtype_code(dtype: torch.dtype) -> str:
-    return next((code for code, d in _FLOAT_CODES.items() if d == dtype), str(dtype))
+    codes = {**_FLOAT_CODES, **_INT_CODES}
+    return next((code for code, d in codes.items() if d == dtype), str(dtype))
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------
@@ -342,10 +372,15 @@ def _check_layout(
                     f"{list(expected[key].shape)}: the config does not match the weights (wrong config.json "
                     "or a different model size?)"
                 )
-            if key in expected and code not in _FLOAT_CODES:
+            if key in expected and not _dtype_matches(code, expected[key].dtype):
+                want = (
+                    "a float type"
+                    if expected[key].dtype.is_floating_point
+                    else _dtype_code(expected[key].dtype)
+                )
                 raise ValueError(
-                    f"tensor {key!r} in {source.path.name} is stored as {code}, not a float type; "
-                    "quantized checkpoints are not loaded by load()"
+                    f"tensor {key!r} in {source.path.name} is stored as {code}, not {want}: the weights do not "
+                    "match config.json (a quantized checkpoint needs its quantization_config, a float one none)"
                 )
     for problem, keys in (
         ("has tensors the model does not have", [k for k in found if k not in expected]),
@@ -372,6 +407,11 @@ def _check_index(files: list[_Weights], weight_map: dict[str, str]) -> None:
             raise ValueError(
                 f"the index disagrees with shard {source.path.name}: it {problem}; re-download the checkpoint"
             )
+
+
+def _dtype_matches(code: str, dtype: torch.dtype) -> bool:
+    """Float tensors may be stored in any float type (converted on load); integer ones exactly as expected."""
+    return code in _FLOAT_CODES if dtype.is_floating_point else _INT_CODES.get(code) == dtype
 
 
 def _some(keys: list[str], limit: int = 5) -> str:

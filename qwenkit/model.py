@@ -205,6 +205,16 @@ class QWenLMHeadModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (the embedding's device; quantized linears have no `.weight`)."""
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (the embedding's dtype)."""
+        return self.transformer.wte.weight.dtype
+
     def ntk_alpha(self, prompt_len: int) -> float:
         """The dynamic-NTK alpha to use for a whole generation whose prompt has `prompt_len` tokens."""
         if not self.config.use_dynamic_ntk:

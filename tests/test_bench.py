@@ -31,3 +31,14 @@ def test_bench_rejects_bad_arguments(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and "positive" in out.stderr
+
+
+def test_bench_quantized(tmp_path):
+    demo = make_checkpoint(tmp_path / "demo", preset="tiny", dtype="float32")
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenkit.cli", "bench", "-m", str(demo), "--dtype", "float32", "--quantize", "int4",
+         "--gen", "3", "--prompt-len", "8", "--runs", "1", "--no-memory"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "float32 + int4" in out.stdout
