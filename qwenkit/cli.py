@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from .server.run import serve
     except ImportError as exc:
-        raise ValueError(f"{exc}; qwenkit serve needs the server extra: pip install 'qwenkit[server]'") from exc
+        raise ValueError(f"{exc}; install the server extra: pip install 'qwenkit[server]'") from exc
     return serve(args)
 
 

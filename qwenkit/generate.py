@@ -171,7 +171,7 @@ class TokenGenerator:
         return logits
 
 
-class _RowText:
+class RowText:
     """Text of one row: ids -> UTF-8-safe deltas -> stop-string hold-back."""
 
     def __init__(
@@ -203,7 +203,7 @@ def stream(
     fails. Stop token ids end generation and are not part of the output.
     """
     gen = TokenGenerator(model, [prompt_ids], params, valid_vocab_size=len(tokenizer))
-    row = _RowText(tokenizer, params.stop, skip_special_tokens, errors)
+    row = RowText(tokenizer, params.stop, skip_special_tokens, errors)
     while not gen.done:
         token = gen.step()[0]
         if token is None:
@@ -258,7 +258,7 @@ def generate_batch(
     With greedy sampling each row equals the same prompt generated alone.
     """
     gen = TokenGenerator(model, prompts, params, valid_vocab_size=len(tokenizer))
-    rows = [_RowText(tokenizer, p.stop, skip_special_tokens, errors) for p in gen.params]
+    rows = [RowText(tokenizer, p.stop, skip_special_tokens, errors) for p in gen.params]
     texts: list[list[str]] = [[] for _ in prompts]
     ids: list[list[int]] = [[] for _ in prompts]
     closed = [False] * len(prompts)

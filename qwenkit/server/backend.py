@@ -1,0 +1,73 @@
+"""What the batching engine needs from a model: prefill one slot, decode a batch of slots; the model owns a cache.
+
+`ModelBackend` runs a `QWenLMHeadModel` over one static `KVCache` with a row per slot: prefill writes a chunk of
+one request's prompt into its row through `cache.rows(slot, slot + 1)` while the other rows keep their contents;
+decode feeds one token per row 0..B-1 at per-row positions. Which rows are busy, sampling and stopping are the
+engine's job. Tests plug in a scripted backend with the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from ..model import QWenLMHeadModel
+
+
+class Backend(Protocol):
+    """The engine's view of a model with `max_slots` cache rows of `max_len` positions each."""
+
+    vocab_size: int  # width of the logits (may exceed len(tokenizer): padding rows)
+    max_slots: int
+    max_len: int
+    device: torch.device
+
+    def ntk_alpha(self, prompt_len: int) -> float:
+        """Dynamic-NTK alpha for a whole generation with this prompt length."""
+        ...
+
+    def prefill(self, slot: int, ids: Sequence[int], start: int, alpha: float) -> torch.Tensor:
+        """Write `ids` at positions start.. of `slot`; return fp32 logits `[V]` of the last of them."""
+        ...
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], alphas: Sequence[float]
+    ) -> torch.Tensor:
+        """Feed token i at positions[i] of row i for rows 0..B-1; return fp32 logits `[B, V]`."""
+        ...
+
+
+class ModelBackend:
+    """A `QWenLMHeadModel` with a `KVCache` of `max_slots` rows x `max_len` positions (allocated once)."""
+
+    def __init__(self, model: QWenLMHeadModel, max_slots: int, max_len: int) -> None:
+        if max_slots < 1 or max_len < 2:
+            raise ValueError(f"need max_slots >= 1 and max_len >= 2, got {max_slots} and {max_len}")
+        self.model = model
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.vocab_size = model.config.vocab_size
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_cache(max_slots, max_len)
+
+    def ntk_alpha(self, prompt_len: int) -> float:
+        return self.model.ntk_alpha(prompt_len)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int], start: int, alpha: float) -> torch.Tensor:
+        row = self.cache.rows(slot, slot + 1)
+        input_ids = torch.tensor([list(ids)], device=self.device)  # [1, T]
+        positions = torch.arange(start, start + len(ids), device=self.device)[None]  # [1, T]
+        last = torch.tensor([len(ids) - 1], device=self.device)
+        return self.model(input_ids, positions, row, alpha, output_index=last)[0]  # [V]
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], alphas: Sequence[float]
+    ) -> torch.Tensor:
+        input_ids = torch.tensor(list(tokens), device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(list(positions), device=self.device)[:, None]  # [B, 1]
+        alpha = torch.tensor(list(alphas), device=self.device)
+        return self.model(input_ids, pos, self.cache, alpha)[:, 0]  # [B, V]
