@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from qwenkit import sampling
 from qwenkit.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -438,3 +439,21 @@ def test_make_generator_unseeded_differs():
     a, b = make_generator(None, "cpu"), make_generator(None, "cpu")
     assert a.initial_seed() != b.initial_seed()
     assert make_generator(7, "cpu").initial_seed() == 7
+
+
+@pytest.mark.parametrize(("peak", "fast_path"), [(0.0, False), (20.0, True), (30.0, True)])
+def test_top_p_candidate_path_equals_full_sort(monkeypatch, peak, fast_path):
+    # Wide rows (the real vocabulary) with peaked, mildly peaked and flat distributions, plus exact ties.
+    gen = torch.Generator().manual_seed(int(peak))
+    logits = torch.randn(3, 151936, generator=gen)
+    logits[:, :50] += peak * torch.rand(3, 50, generator=gen)
+    logits[:, 100:110] = logits[:, 0:1]  # ties with a top id
+    for top_p in (0.5, 0.8, 0.95, torch.tensor([0.3, 0.8, 0.99])):
+        assert (
+            sampling._top_p_among_candidates(logits, sampling._per_row(top_p, logits)) is not None
+        ) == fast_path
+        fast = sampling.apply_top_p(logits, top_p)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "_TOP_P_CANDIDATES", 10**9)  # forces the full sort
+            full = sampling.apply_top_p(logits, top_p)
+        assert torch.equal(torch.isinf(fast), torch.isinf(full))
