@@ -67,7 +67,7 @@ def make_checkpoint(
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     sizes = [math.prod(shape) * itemsize for shape in shapes.values()]
     n_shards = _shard_count(shards, sizes)
-    out = _prepare_dir(Path(out_dir), overwrite)
+    out = prepare_dir(Path(out_dir), overwrite)
 
     _write_json(out / "config.json", config.to_dict())
     _write_json(out / "generation_config.json", GENERATION_CONFIG)
@@ -75,7 +75,7 @@ def make_checkpoint(
     shutil.copyfile(official_vocab_file(), out / VOCAB_FILE_NAME)
 
     generator = torch.Generator().manual_seed(seed)
-    groups = _plan_shards(sizes, n_shards)
+    groups = plan_shards(sizes, n_shards)
     keys = list(shapes)
     weight_map = {}
     for number, group in enumerate(groups, start=1):
@@ -130,7 +130,7 @@ def _shard_count(shards: int | None, sizes: list[int]) -> int:
     return shards
 
 
-def _plan_shards(sizes: list[int], n_shards: int) -> list[list[int]]:
+def plan_shards(sizes: list[int], n_shards: int) -> list[list[int]]:
     """Split tensor indices, in order, into exactly `n_shards` non-empty groups of roughly equal bytes."""
     groups: list[list[int]] = [[]]
     open_bytes, left_bytes = 0, sum(sizes)  # bytes in the current group / not in a closed group
@@ -150,7 +150,8 @@ def _plan_shards(sizes: list[int], n_shards: int) -> list[list[int]]:
     return groups
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> Path:
+def prepare_dir(out: Path, overwrite: bool) -> Path:
+    """Create `out`; a non-empty one needs `overwrite` (which removes only checkpoint files)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory; pass a directory path")
     if out.is_dir() and any(out.iterdir()):

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qwenkit.checkpoint import _plan_shards, _shard_count, make_checkpoint
+from qwenkit.checkpoint import _shard_count, make_checkpoint, plan_shards
 from qwenkit.config import QwenConfig, preset
 from qwenkit.model import QWenLMHeadModel
 from qwenkit.vocab import official_vocab_file
@@ -201,7 +201,7 @@ def test_out_dir_is_a_file(tmp_path):
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
 def test_plan_shards_exact_count(n):
     sizes = [100, 1, 1, 7, 7, 7, 7, 1, 100]
-    groups = _plan_shards(sizes, n)
+    groups = plan_shards(sizes, n)
     assert len(groups) == n and all(groups)
     assert [i for g in groups for i in g] == list(range(len(sizes)))
 
@@ -210,6 +210,6 @@ def test_default_sharding_of_1_8b_is_two_balanced_shards():
     net = QWenLMHeadModel(preset("1.8b"), device="meta")
     sizes = [p.numel() * 2 for p in net.parameters()]  # bf16
     assert _shard_count(None, sizes) == 2
-    groups = _plan_shards(sizes, 2)
+    groups = plan_shards(sizes, 2)
     totals = [sum(sizes[i] for i in g) for g in groups]
     assert 3.6e9 < sum(totals) < 3.8e9 and max(totals) < 2e9

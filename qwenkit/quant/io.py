@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, GENERATION_CONFIG, TOKENIZER_CONFIG, _plan_shards, _prepare_dir
+from ..checkpoint import DEFAULT_SHARD_BYTES, GENERATION_CONFIG, TOKENIZER_CONFIG, plan_shards, prepare_dir
 from ..config import QwenConfig
 from ..vocab import VOCAB_FILE_NAME, official_vocab_file
 from .gptq import GptqConfig, convert_linear, gptq_config
@@ -224,7 +224,7 @@ def save_quantized(
         fp32=dtype_name == "float32",
         torch_dtype=dtype_name,
     )
-    out = _prepare_dir(Path(out_dir), overwrite)
+    out = prepare_dir(Path(out_dir), overwrite)
     _write_json(out / "config.json", config.to_dict())
     _write_json(
         out / "generation_config.json", getattr(model, "generation_config", None) or GENERATION_CONFIG
@@ -254,7 +254,7 @@ def _write_shards(out: Path, state: dict[str, torch.Tensor], shard_bytes: int) -
     sizes = [state[k].nbytes for k in keys]
     n_shards = min(len(keys), max(1, math.ceil(sum(sizes) / shard_bytes)))
     weight_map = {}
-    for number, group in enumerate(_plan_shards(sizes, n_shards), start=1):
+    for number, group in enumerate(plan_shards(sizes, n_shards), start=1):
         name = "model.safetensors" if n_shards == 1 else f"model-{number:05d}-of-{n_shards:05d}.safetensors"
         tensors = {
             keys[i]: state[keys[i]].contiguous().cpu() for i in group
