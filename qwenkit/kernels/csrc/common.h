@@ -1,0 +1,96 @@
+// Shared helpers of the qwenkit CPU kernels (AVX-512 BW/VNNI/BF16): dtype tags, scalar and vector loads of
+// fp32/bf16/fp16 tensors, weight prefetch, activation-row tiling, and the op entry points that ops.cpp registers.
+// What the kernels do and how fast they are is written down in qwenkit/kernels/cpu.py.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace qwenkit_cpu {
+
+// GCC's partial redundancy elimination turns the accumulator arrays of the kernels into register copies and
+// stack spills inside the inner loops (2-3x slower with 8 activation rows), so the kernels turn it off.
+#define QK_NO_PRE __attribute__((optimize("no-tree-pre")))
+
+// Software prefetch of the weight stream into L2, kPrefetch bytes ahead (one per 64-byte line): the int8
+// GEMV read ~53 GB/s from memory on 2 threads without it and ~65 with it; 2 KiB ahead was no better than none.
+constexpr int64_t kPrefetch = 8192;
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T1); }
+
+// Activation rows per pass over the weight: as many as keep their x within kXBudget bytes, so x stays in L1
+// while the weights stream past; more rows are done in several balanced passes.
+constexpr int64_t kMaxTile = 8;
+constexpr int64_t kXBudget = 32768;
+inline int64_t tile_rows(int64_t M, int64_t x_row_bytes) {
+  const int64_t fit = std::clamp<int64_t>(kXBudget / std::max<int64_t>(1, x_row_bytes), 1, kMaxTile);
+  const int64_t passes = std::max<int64_t>(1, (M + fit - 1) / fit);
+  return std::max<int64_t>(1, (M + passes - 1) / passes);
+}
+
+enum class FT { F32, BF16, F16 };
+
+inline FT ft_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FT::F32;
+    case at::kBFloat16: return FT::BF16;
+    case at::kHalf: return FT::F16;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+__attribute__((always_inline)) inline float ld1(const void* p, FT t, int64_t i) {
+  switch (t) {
+    case FT::F32: return static_cast<const float*>(p)[i];
+    case FT::BF16: {
+      uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    default: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+__attribute__((always_inline)) inline __m512 ld16(const void* p, FT t, int64_t i, __mmask16 k) {
+  switch (t) {
+    case FT::F32: return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+    case FT::BF16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i)), 16));
+    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
+  }
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+
+inline void st1(void* p, FT t, int64_t i, float v) {
+  switch (t) {
+    case FT::F32: static_cast<float*>(p)[i] = v; break;
+    case FT::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); break;
+  }
+}
+
+inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+// Op entry points (schemas in ops.cpp).
+at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& offsets, int64_t group_size,
+                      const std::optional<at::Tensor>& bias, int64_t bits);
+void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+             int64_t group_size, int64_t bits, at::Tensor& out);
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+}  // namespace qwenkit_cpu
