@@ -12,10 +12,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
@@ -60,6 +61,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _CHUNK_BYTES = 64 << 20
 _FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Integer tensors of quantized checkpoints (qwenkit.quant): their stored type must match exactly.
+# numpy cannot hold bf16: such tensors are mapped as uint16 and viewed as bf16.
+_NUMPY_VIEW = {
+    torch.float32: (np.float32, torch.float32),
+    torch.float16: (np.float16, torch.float16),
+    torch.bfloat16: (np.uint16, torch.bfloat16),
+}
+# Read in place from the file instead of copied: a lookup table touches one row per token.
+_MAPPED_KEYS = ("transformer.wte.weight",)
 _INT_CODES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
 
@@ -108,7 +117,9 @@ def load(
     _check_layout(files, expected, config, model_dir)
 
     show = sys.stderr.isatty() if progress is None else progress
-    state = _read_state(files, expected, target_device, show, None if plan is None else plan.transform)
+    transform = None if plan is None else plan.transform
+    map_keys = () if aliases else _MAPPED_KEYS  # a tied embedding is read whole by lm_head every step
+    state = _read_state(files, expected, target_device, show, transform, map_keys)
     for alias, canonical in aliases.items():
         state[alias] = state[canonical]
     net.load_state_dict(state, strict=True, assign=True)
@@ -281,6 +292,19 @@ class _SafetensorsWeights:
             with safe_open(self.path, framework="pt") as f:
                 dst[start : start + rows].copy_(f.get_slice(key)[start : start + rows])
 
+    def mapped(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """`key` as a tensor backed by the file itself (copy-on-write mapping), or None if it is stored in
+        another dtype. Only the pages that are read become resident."""
+        shape, code = self.entries[key]
+        if _FLOAT_CODES.get(code) != dtype or dtype not in _NUMPY_VIEW:
+            return None
+        with open(self.path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            begin, _ = json.loads(f.read(header_len))[key]["data_offsets"]
+        np_dtype, torch_view = _NUMPY_VIEW[dtype]
+        array = np.memmap(self.path, dtype=np_dtype, mode="c", offset=8 + header_len + begin, shape=shape)
+        return torch.from_numpy(array).view(torch_view)
+
     def close(self) -> None:
         pass
 
@@ -319,8 +343,12 @@ def _read_state(
     device: torch.device,
     show_progress: bool,
     transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    map_keys: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Each tensor allocated once with its final dtype/device (from `expected`, meta) and filled in place.
+
+    `map_keys` stored in the target dtype in a safetensors file are not copied but mapped from the file (CPU):
+    the embedding is read one row per token, so most of it never needs to be in memory.
 
     `transform` (quantization) maps each tensor as soon as it is read to the state entries it becomes.
     """
@@ -330,8 +358,12 @@ def _read_state(
             bar.set_postfix_str(source.path.name)
             for key in source.keys():
                 meta = expected[key]
-                tensor = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-                source.copy_into(key, tensor)
+                tensor = None
+                if key in map_keys and device.type == "cpu" and isinstance(source, _SafetensorsWeights):
+                    tensor = source.mapped(key, meta.dtype)
+                if tensor is None:
+                    tensor = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+                    source.copy_into(key, tensor)
                 if transform is None:
                     state[key] = tensor
                 else:

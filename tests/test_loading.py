@@ -317,3 +317,27 @@ def test_hub_id_resolved_from_the_cache_offline(tmp_path, ckpt):
     result = _offline(script, tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "64"
+
+
+def _file_backing(tensor: torch.Tensor) -> str | None:
+    """The file mapped at the tensor's address in this process, if any."""
+    ptr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_embedding_is_mapped_from_the_file_when_dtypes_match(tmp_path, ckpt, weights):
+    net, _ = load(ckpt, dtype="float32")
+    assert _file_backing(net.transformer.wte.weight) == str(ckpt / "model.safetensors")
+    assert _file_backing(net.lm_head.weight) != str(ckpt / "model.safetensors")  # everything else is copied
+    _assert_same_model(net, _reference(ckpt, weights, torch.float32))
+    converted, _ = load(ckpt, dtype="bfloat16")  # another dtype: a converted copy
+    assert _file_backing(converted.transformer.wte.weight) != str(ckpt / "model.safetensors")
+    tied = make_checkpoint(tmp_path / "tied", dtype="float32", overrides={"tie_word_embeddings": True})
+    tied_net, _ = load(tied, dtype="float32")  # lm_head reads a tied embedding whole: copied
+    assert _file_backing(tied_net.transformer.wte.weight) != str(tied / "model.safetensors")
