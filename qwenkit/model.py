@@ -48,17 +48,20 @@ def _ntk_alpha_tensor(lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
 def rotary_cos_sin(
     positions: torch.Tensor, rotary_dim: int, base: float, alpha: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables in fp32 `[B, T, 1, rotary_dim]` for `positions` `[B, T]` and NTK `alpha` `[B]` or `[1]`.
+    """cos and signed sin tables in fp32 `[B, T, 1, rotary_dim]` for `positions` `[B, T]`, NTK `alpha` `[B]`/`[1]`.
 
     NTK scales the base: `base' = base * alpha ** (rotary_dim / (rotary_dim - 2))`, so alpha 1 is plain rotary.
+    The sin table carries rotate-half's sign (first half negated), so that `rotate_half(x) * sin` is
+    `x.roll(rotary_dim // 2) * signed_sin`: one op instead of a split, a negation and a concatenation.
     """
     device = positions.device
     base_scaled = base * alpha.to(device=device, dtype=torch.float32) ** (rotary_dim / (rotary_dim - 2))
     exponents = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim
     inv_freq = 1.0 / (base_scaled[:, None] ** exponents)  # [B or 1, rotary_dim / 2]
     freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [B, T, rotary_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, rotary_dim], broadcasts over heads
-    return emb.cos(), emb.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    # [B, T, 1, rotary_dim]: broadcasts over heads
+    return torch.cat((cos, cos), dim=-1)[:, :, None, :], torch.cat((-sin, sin), dim=-1)[:, :, None, :]
 
 
 def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -68,17 +71,20 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 
 def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor | None = None
+    x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Rotate-half rotary over the first `cos.shape[-1]` channels of `x` `[B, T, H, D]`, in fp32.
+    """Rotate-half rotary over the first `cos.shape[-1]` channels of `x` `[..., D]`, in fp32.
 
-    `scale` `[B, T, 1, 1]` (logn) multiplies the whole result before the cast back to `x.dtype`.
+    `cos`/`signed_sin` from `rotary_cos_sin` broadcast against `x`; `scale` (logn) multiplies the whole result
+    before the cast back to `x.dtype`.
     """
     rot = cos.shape[-1]
     xf = x.float()
-    x_rot, x_pass = xf[..., :rot], xf[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    out = torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+    if rot == x.shape[-1]:  # every Qwen v1 size: rotary_pct 1.0
+        out = xf * cos + xf.roll(rot // 2, dims=-1) * signed_sin
+    else:
+        x_rot = xf[..., :rot]
+        out = torch.cat((x_rot * cos + x_rot.roll(rot // 2, dims=-1) * signed_sin, xf[..., rot:]), dim=-1)
     if scale is not None:
         out = out * scale
     return out.type_as(x)
@@ -110,9 +116,9 @@ class _StepInputs:
     """What every layer of one forward shares; built once per forward."""
 
     positions: torch.Tensor  # [B, T] absolute positions
-    cos: torch.Tensor  # [B, T, 1, rotary_dim] fp32
-    sin: torch.Tensor  # [B, T, 1, rotary_dim] fp32
-    q_scale: torch.Tensor | None  # [B, T, 1, 1] fp32 logn factor, None when logn is off
+    cos: torch.Tensor  # [B, T, 1, 1, rotary_dim] fp32 (broadcasts over q|k and heads)
+    sin: torch.Tensor  # [B, T, 1, 1, rotary_dim] fp32, rotate-half's sign included
+    qk_scale: torch.Tensor | None  # [B, T, 2, 1, 1] fp32: logn factor for q, 1 for k; None when logn is off
     cache: KVCache | None
     length: int  # keys attended with a cache: max position in the batch + 1
     mask: torch.Tensor | None  # [B, 1, T, length] bool, True = may attend; None -> causal over the input
@@ -133,9 +139,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: _StepInputs) -> torch.Tensor:
         bsz, steps, hidden = x.shape
-        q, k, v = self.c_attn(x).view(bsz, steps, 3, self.n_heads, self.head_dim).unbind(2)  # [B, T, H, D]
-        q = apply_rotary(q, step.cos, step.sin, step.q_scale)
-        k = apply_rotary(k, step.cos, step.sin)
+        qkv = self.c_attn(x).view(bsz, steps, 3, self.n_heads, self.head_dim)  # [B, T, q|k|v, H, D]
+        q, k = apply_rotary(qkv[:, :, :2], step.cos, step.sin, step.qk_scale).unbind(2)  # [B, T, H, D] each
+        v = qkv[:, :, 2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if step.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -394,10 +400,13 @@ class QWenLMHeadModel(nn.Module):
             if alpha.shape[0] not in (1, input_ids.shape[0]):
                 raise ValueError(f"ntk_alpha must be a float or a tensor [B], got shape {tuple(alpha.shape)}")
         cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rotary_emb_base, alpha)
-        q_scale = logn_scale(positions, c.seq_length)[:, :, None, None] if c.use_logn_attn else None
+        qk_scale = None
+        if c.use_logn_attn:
+            q_scale = logn_scale(positions, c.seq_length)[:, :, None, None, None]  # [B, T, 1, 1, 1]
+            qk_scale = torch.cat((q_scale, torch.ones_like(q_scale)), dim=2)
         mask = None
         if cache is not None:
             # [B, 1, T, length]: key index s is visible to the query at position p iff s <= p (same row).
             key_idx = torch.arange(length, device=device)
             mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]
-        return _StepInputs(positions, cos, sin, q_scale, cache, length, mask)
+        return _StepInputs(positions, cos[:, :, None], sin[:, :, None], qk_scale, cache, length, mask)
