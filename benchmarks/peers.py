@@ -52,18 +52,27 @@ def peak_rss_gb() -> float:
 # Workers: each runs in its own process and prints one JSON line.
 
 
-def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int) -> dict:
+def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int, cache: Path) -> dict:
     from qwenkit import bench
     from qwenkit.loading import load
 
-    dtype, quantize = {"fp32": ("float32", None), "bf16": ("bfloat16", None),
-                       "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}[variant]  # fmt: skip
-    kwargs = {"quantize": quantize} if quantize else {}
-    model = load(ckpt, dtype=dtype, device="cpu", progress=False, **kwargs)[0]
+    dtype = "float32" if variant == "fp32" else "bfloat16"
+    if variant in ("int8", "int4"):  # quantized once and saved, as `qwenkit quantize` does (like a GGUF file)
+        ckpt = str(quantized_checkpoint(ckpt, cache, variant))
+    model = load(ckpt, dtype=dtype, device="cpu", progress=False)[0]
     bench.measure_decode(model, 8, 151851)  # warm-up
     decode = [bench.measure_decode(model, gen, 151851) for _ in range(runs)]
     prefill = {n: [bench.measure_prefill(model, n) for _ in range(runs)] for n in lens}
     return {"decode": decode, "prefill": prefill}
+
+
+def quantized_checkpoint(ckpt: str, cache: Path, scheme: str) -> Path:
+    from qwenkit.quant import quantize_checkpoint
+
+    out = cache / f"{Path(ckpt).name}-{scheme}"
+    if not (out / "config.json").is_file():
+        quantize_checkpoint(ckpt, out, scheme, device="cpu", overwrite=True, progress=False)
+    return out
 
 
 def _hf_model(ckpt: str, dtype_name: str):
@@ -262,7 +271,7 @@ def worker(spec: list[str]) -> None:
     torch.set_num_threads(threads_i)
     family, variant = system.split("-", 1)
     if family == "qwenkit":
-        result = work_qwenkit(ckpt, variant, gen_i, lens_l, runs_i)
+        result = work_qwenkit(ckpt, variant, gen_i, lens_l, runs_i, Path(cache))
     elif family == "transformers":
         result = work_transformers(ckpt, variant, gen_i, lens_l, runs_i)
     else:
@@ -320,11 +329,16 @@ def main() -> None:
 
         args.checkpoint = str(default_checkpoint())
     args.cache.mkdir(parents=True, exist_ok=True)
+    # Re-running some systems keeps the other entries of an existing --json file.
+    previous = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    kept = {r["system"]: r for r in previous if r["system"] not in args.systems}
     results = []
     for system in args.systems:
         print(f"running {system} ...", file=sys.stderr, flush=True)
         results.append(run_case(system, args))
         print(json.dumps(results[-1])[:400], file=sys.stderr, flush=True)
+    fresh = {r["system"]: r for r in results}
+    results = [kept.get(s) or fresh[s] for s in SYSTEMS if s in kept or s in fresh]
     table = render(results, args)
     print(table)
     if args.out:
