@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenkit import loading
+from qwenkit import weight_files
 from qwenkit.checkpoint import make_checkpoint
 from qwenkit.config import QwenConfig
 from qwenkit.loading import OFFICIAL_GENERATION_CONFIG, load
@@ -92,7 +92,7 @@ def test_bf16_checkpoint_loaded_as_fp32(tmp_path, weights):
 
 def test_chunked_copy_with_conversion(ckpt, weights, monkeypatch):
     # Tiny tensors fit one chunk; force many chunks (and a ragged last one) to cover the row-range reads.
-    monkeypatch.setattr(loading, "_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(weight_files, "_CHUNK_BYTES", 3000)
     for dtype in (torch.float32, torch.bfloat16):
         net, _ = load(ckpt, dtype=dtype)
         _assert_same_model(net, _reference(ckpt, weights, dtype))
