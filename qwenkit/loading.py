@@ -8,7 +8,6 @@ weights are left to `qwenkit.quant`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ from .config import QwenConfig
 from .model import QWenLMHeadModel
 from .tokenizer import QWenTokenizer
 from .vocab import VOCAB_FILE_NAME
-from .weight_files import check_index, check_layout, open_weights, read_state
+from .weight_files import check_index, check_layout, open_weights, read_json, read_state
 
 if TYPE_CHECKING:
     from .quant.scheme import QuantScheme
@@ -215,7 +214,7 @@ def find_weight_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | Non
 
 
 def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    weight_map = _read_json(index_path).get("weight_map")
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no 'weight_map'; re-download the checkpoint")
     names = list(dict.fromkeys(weight_map.values()))  # shard order as listed, each once
@@ -233,17 +232,7 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return dict(OFFICIAL_GENERATION_CONFIG)
-    return _read_json(path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; fix or re-download it")
-    return data
+    return read_json(path)
 
 
 def _tied_aliases(net: torch.nn.Module) -> dict[str, str]:

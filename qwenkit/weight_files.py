@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -221,3 +222,14 @@ def _dtype_matches(code: str, dtype: torch.dtype) -> bool:
 def _some(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, with an error naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; fix or re-download it")
+    return data

@@ -19,7 +19,6 @@ become contiguous; int4 keeps q in 0..15 with `offsets = -zero * scale`, int8 st
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from .. import kernels
 from ..config import QwenConfig
+from ..weight_files import read_json
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .linear import QuantizedLinear
@@ -78,12 +78,7 @@ def gptq_config(config: QwenConfig, model_dir: Path) -> GptqConfig | None:
         path = model_dir / QUANTIZE_CONFIG_FILE
         if not path.is_file():
             return None
-        try:
-            qc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
-        if not isinstance(qc, dict):
-            raise ValueError(f"{path} must hold a JSON object; fix or re-download it")
+        qc = read_json(path)
     return parse_gptq_config(qc)
 
 
