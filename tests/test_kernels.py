@@ -179,15 +179,20 @@ def test_fast_quant_skipped_under_autograd():
 @needs_fast
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 40])
 @pytest.mark.parametrize("k", [512, 520])  # 520: a K that is not a multiple of 32 (masked tail)
-@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_fast_bf16_linear(m, k, xdtype):
-    w = torch.randn(37, k).bfloat16()
+@pytest.mark.parametrize(
+    "xdtype, wdtype",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)],
+)
+def test_fast_float_linear(m, k, xdtype, wdtype):
+    w = torch.randn(37, k).to(wdtype)
     bias = torch.randn(37)
     x = torch.randn(m, k).to(xdtype)
     y = kernels.linear_bf16(x, w, bias)
     assert y.shape == (m, 37) and y.dtype == xdtype
     tol = 1e-5 if xdtype == torch.float32 else 1e-2
-    assert _rel(y, F.linear(x.float(), w.float(), bias)) < tol
+    assert _rel(y, F.linear(x.double(), w.double(), bias.double())) < tol
+    if wdtype == torch.float32:  # fp32 FMA sums: as close to the fp64 result as F.linear itself
+        assert _rel(y, F.linear(x, w, bias)) < 1e-6
 
 
 @needs_fast
@@ -197,4 +202,6 @@ def test_fast_paths_are_used():
     x = torch.randn(1, 256)
     assert cpu.linear_quant(x, qweight, scales, offs, 64, None, bits=8) is not None
     assert cpu.linear_bf16(x, torch.randn(16, 256).bfloat16(), None) is not None
+    assert cpu.linear_bf16(x, torch.randn(16, 256), None) is not None  # fp32 weight, fp32 x
+    assert cpu.linear_bf16(x.bfloat16(), torch.randn(16, 256), None) is None  # bf16 x, fp32 weight: F.linear
     assert cpu.linear_quant(x.half(), qweight, scales, offs, 64, None, bits=8) is None  # fp16 x: reference

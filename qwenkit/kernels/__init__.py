@@ -95,8 +95,8 @@ def linear_int4(
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): a fast GEMV for a bf16 weight and few
-    rows of x on CPU, F.linear otherwise."""
+    """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): a fast GEMV for few rows of x on CPU with
+    a bf16 weight, or an fp32 weight and fp32 x; F.linear otherwise."""
     y = _cpu.linear_bf16(x, weight, bias)
     return F.linear(x, weight.to(x.dtype), _cast(bias, x.dtype)) if y is None else y
 

@@ -1,8 +1,8 @@
 """Fast CPU paths for the linear kernels: a small C++ extension (AVX-512 BW/VNNI/BF16), built at first use.
 
-`qwenkit.kernels` calls `linear_quant` / `linear_bf16` here first; each returns None when the fast path does not
-apply (extension disabled or not built, non-CPU tensors, unsupported dtype or shape, autograd needed), and the
-caller then runs the pure-PyTorch reference. Nothing is probed or built at import time.
+`qwenkit.kernels` calls `linear_quant` / `linear_bf16` (bf16 or fp32 weights) here first; each returns None
+when the fast path does not apply (extension disabled or not built, non-CPU tensors, unsupported dtype or shape,
+autograd needed), and the caller then runs the pure-PyTorch reference. Nothing is probed or built at import time.
 
 Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to
 8 rows, parallel over output rows. Activations are quantized per row to int16 (error ~1e-5 relative, far below
@@ -16,17 +16,26 @@ so medians of noisy runs (`python benchmarks/kernels.py` prints the current tabl
   shared/notes), so M = 1 decode is partly compute bound here: weight bytes/s at M = 1, 2 threads, Qwen-1.8B
   shapes: bf16 ~45-64 GB/s (F.linear 22-32), int8 ~45-64, int4 ~35-42; all linear layers of one decode step
   (24 layers + lm_head): bf16 58 ms, int8 31 ms, int4 22 ms (F.linear bf16 100-110 ms).
+- fp32 weights (fp32 x) take the same GEMV (fp32 FMA sums): full-model fp32 decode 3.8 -> 10.0-10.3 tok/s on
+  2 threads (F.linear read fp32 weights at ~23 GB/s, the GEMV at ~63).
 - What did not help (measured, then removed): several weight rows per pass (more memory streams: slower from
   memory though faster from cache); int8 activations via vpdpbusd (0.5-2% error on outlier activations, no
-  faster than int16 once both were tuned); masked loads in the main loop (3x slower when they miss).
+  faster than int16 once both were tuned); masked loads in the main loop (3x slower when they miss). Again
+  (int4, group 128): int8 activations per block of 32 k (llama.cpp's q8_0) with vpdpbusd on the raw nibbles,
+  2 instead of 4 dot instructions per line: 0.4-1.4% error (outlier test), +10-20% from L3 on 1 thread, but
+  from memory (22-25 GB/s on 1 thread, 37-41 on 2) and in the full model (29-30 tok/s) no faster. Prefetch
+  hint/distance (T0/T1/NTA, 1-32 KiB ahead) or none: within the noise for int4 from memory.
 - What did: OpenMP in the build (at::parallel_for ran serially without it), the L2 prefetch, a padded x row
-  stride (rows 4 KiB apart aliased in L1), GCC's PRE off in the kernels (it spilled the accumulators).
+  stride (rows 4 KiB apart aliased in L1), GCC's PRE off in the kernels (it spilled the accumulators), a second
+  int32 accumulator set for int8 (per channel, from L3, 1 thread: M = 1 48 -> 65-70 GB/s, M = 2 40 -> 57; for
+  int4 two or four sets were slower: more registers, and its int32 blocks are short anyway).
 - Prefill at M = 512: ~0.9 TFLOP/s for int8/int4 (dequantize + F.linear) vs ~1.0 for bf16 F.linear.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -39,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "QWENKIT_DISABLE_EXT"  # "1": never use the extension (the reference runs everywhere)
 # Where the GEMV kernels stop beating the alternatives (measured at 5504x2048 and 2048x5504, 2 threads):
-# int8/int4 vs dequantize + F.linear up to M = 16; bf16 vs F.linear while M * K <= 16384 (x fits in L1).
+# int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
 BF16_GEMV_MAX_ELEMENTS = 16384
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
@@ -84,7 +93,7 @@ def _ops():
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name="qwenkit_cpu",
+            name=f"qwenkit_cpu_{_source_digest()}",
             sources=[str(p) for p in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
@@ -95,6 +104,16 @@ def _ops():
         logger.info("qwenkit: fast CPU kernels unavailable (%s); using the PyTorch reference", exc)
         return None
     return torch.ops.qwenkit_cpu
+
+
+def _source_digest() -> str:
+    """Hash of the sources and flags: each distinct build gets its own directory in the torch extensions cache,
+    so two checkouts (or versions) never load each other's stale library."""
+    digest = hashlib.sha1(" ".join(_CFLAGS + _LDFLAGS).encode())
+    for path in sorted(_CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def available() -> bool:
@@ -203,9 +222,13 @@ def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """GEMV `x @ weight.T + bias` in x.dtype for a bf16 weight and few rows of bf16/fp32 x; None otherwise."""
+    """GEMV `x @ weight.T + bias` in x.dtype for few rows of x: a bf16 weight with bf16/fp32 x, or an fp32 weight
+    with fp32 x (fp32 FMA sums, as F.linear up to summation order); None otherwise."""
     k = x.shape[-1]
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != k:
+    float_pair = weight.dtype == torch.bfloat16 or (
+        weight.dtype == torch.float32 and x.dtype == torch.float32
+    )
+    if not float_pair or weight.dim() != 2 or weight.shape[1] != k:
         return None
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in _FLOATS):
         return None
