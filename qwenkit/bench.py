@@ -170,7 +170,8 @@ def run_bench(
     path = str(model) if model else str(default_checkpoint())
     net = _load(path, dtype, device, quantize)
     dev = net.device
-    result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), quantize, threads,
+    stored = (net.config.quantization_config or {}).get("bits")  # a quantized checkpoint's own scheme
+    result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), quantize or (stored and f"int{stored}"), threads,
                          gen_tokens, prompt_tokens)  # fmt: skip
     measure_decode(net, min(gen_tokens, 8), 151851)  # warm-up (allocator, oneDNN primitives)
     measure_prefill(net, min(prompt_tokens, 64))

@@ -7,7 +7,11 @@ device, and hub resolution, are left to `loading`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +140,8 @@ def read_state(
                     tensor = source.mapped(key, meta.dtype)
                 if tensor is None:
                     tensor = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+                    if device.type == "cpu":
+                        advise_huge_pages(tensor)
                     source.copy_into(key, tensor)
                 if transform is None:
                     state[key] = tensor
@@ -233,3 +239,24 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object; fix or re-download it")
     return data
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a large CPU tensor with 2 MB pages before it is filled (where transparent huge pages
+    are in "madvise" mode). Decode streams every weight once per token; with 4 KB pages the TLB and the hardware
+    prefetchers (which stop at page boundaries) cost a measurable share of the memory bandwidth."""
+    if os.environ.get("QWENKIT_NO_HUGE_PAGES") or tensor.nbytes < 2 * _HUGE_PAGE or sys.platform != "linux":
+        return
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the 2 MB-aligned part of the tensor's memory
+    end = (tensor.data_ptr() + tensor.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

@@ -341,3 +341,28 @@ def test_embedding_is_mapped_from_the_file_when_dtypes_match(tmp_path, ckpt, wei
     tied = make_checkpoint(tmp_path / "tied", dtype="float32", overrides={"tie_word_embeddings": True})
     tied_net, _ = load(tied, dtype="float32")  # lm_head reads a tied embedding whole: copied
     assert _file_backing(tied_net.transformer.wte.weight) != str(tied / "model.safetensors")
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unavailable"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off here")
+def test_large_weights_get_huge_pages():
+    tensor = torch.empty(256 << 20, dtype=torch.uint8)  # large enough to be a fresh mapping
+    weight_files.advise_huge_pages(tensor)
+    tensor.fill_(1)  # first touch after the advice
+    # The advice splits the mapping at 2 MB boundaries: sum over every mapping the tensor overlaps.
+    start, end, huge_kb, inside = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo < end and start < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            huge_kb += int(line.split()[1])
+    assert huge_kb >= 2048
