@@ -1,8 +1,8 @@
 """The Qwen (v1) transformer: RMSNorm, rotary (with dynamic NTK and logn scaling), SDPA attention, MLP, blocks.
 
 Module and parameter names equal the official checkpoint keys, so loading needs no key map, and every linear layer
-is an `nn.Linear` (a subclass with a fast bf16 path) reachable by name so quantization can swap it. Loading weights, sampling and deciding which
-cache rows are in use are left to `loading`, `sampling` and `generate`.
+is an `nn.Linear` (a subclass with a fast CPU path) reachable by name so quantization can swap it. Loading weights,
+sampling and deciding which cache rows are in use are left to `loading`, `sampling` and `generate`.
 """
 
 from __future__ import annotations
