@@ -91,8 +91,8 @@ def apply_rotary(
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and names) whose forward takes qwenkit's fast CPU GEMV for bf16 weights at
-    decode, where PyTorch's bf16 matrix-vector product reaches only a third of the memory bandwidth."""
+    """`nn.Linear` (same parameters and names) whose forward takes qwenkit's fast CPU GEMV for bf16 and fp32
+    weights at decode, where PyTorch's matrix-vector product reaches only a third of the memory bandwidth."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_bf16(x, self.weight, self.bias)
