@@ -101,10 +101,8 @@ class TokenGenerator:
         self.last_tokens: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
         if any(p.repetition_penalty != 1.0 for p in self.params):
-            padded = torch.full((len(prompts), max(lengths)), -1, dtype=torch.long)
-            for i, p in enumerate(prompts):
-                padded[i, : len(p)] = torch.tensor(p)
-            self.seen = build_seen_mask(padded.to(self.device), model.config.vocab_size, pad_id=-1)
+            padded = _right_pad(self.prompts, -1).to(self.device)
+            self.seen = build_seen_mask(padded, model.config.vocab_size, pad_id=-1)
 
     @property
     def done(self) -> bool:
@@ -145,10 +143,7 @@ class TokenGenerator:
 
     def _prefill(self) -> torch.Tensor:
         bsz, longest = len(self.prompts), max(self.prompt_lengths)
-        ids = torch.zeros((bsz, longest), dtype=torch.long)
-        for i, p in enumerate(self.prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
+        ids = _right_pad(self.prompts, 0).to(self.device)
         last = torch.tensor(self.prompt_lengths, device=self.device) - 1  # [B] index of each row's last token
         logits = torch.empty((bsz, self.model.config.vocab_size), device=self.device)
         for start in range(0, longest, PREFILL_CHUNK):
@@ -169,6 +164,14 @@ class TokenGenerator:
         logits = self.model(self.last_tokens[:, None], positions, self.cache, self.alpha)[:, 0]  # [B, V]
         self.next_pos = [pos + run for pos, run in zip(self.next_pos, running, strict=True)]
         return logits
+
+
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """LongTensor [B, longest] holding each row at its start, `value` after it."""
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
 
 
 class RowText:
