@@ -29,7 +29,7 @@ def _status_bytes(field: str) -> int:
 
 
 def _child_build(ckpt: Path) -> dict:
-    from qwenkit.checkpoint import make_checkpoint
+    from qwenkit.checkpoints.synthetic import make_checkpoint
 
     start = time.perf_counter()
     make_checkpoint(ckpt, "1.8b", dtype="bfloat16", overwrite=True)  # redo a broken build
@@ -43,7 +43,7 @@ def _child_build(ckpt: Path) -> dict:
 def _child_load(ckpt: Path, dtype: str) -> dict:
     import torch
 
-    from qwenkit.loading import load
+    from qwenkit.checkpoints.loading import load
 
     baseline = _status_bytes("VmRSS")  # interpreter + torch + qwenkit, before any weight is read
     start = time.perf_counter()

@@ -54,7 +54,7 @@ def peak_rss_gb() -> float:
 
 def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int, cache: Path) -> dict:
     from qwenkit import bench
-    from qwenkit.loading import load
+    from qwenkit.checkpoints.loading import load
 
     dtype = "float32" if variant == "fp32" else "bfloat16"
     if variant in ("int8", "int4"):  # quantized once and saved, as `qwenkit quantize` does (like a GGUF file)
@@ -67,7 +67,7 @@ def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int, 
 
 
 def quantized_checkpoint(ckpt: str, cache: Path, scheme: str) -> Path:
-    from qwenkit.quant import quantize_checkpoint
+    from qwenkit.checkpoints.quantize import quantize_checkpoint
 
     out = cache / f"{Path(ckpt).name}-{scheme}"
     if not (out / "config.json").is_file():
@@ -80,8 +80,8 @@ def _hf_model(ckpt: str, dtype_name: str):
     import transformers
     from safetensors.torch import load_file
 
-    from qwenkit.config import QwenConfig
-    from qwenkit.interop import qwen2_config_kwargs, to_qwen2_state_dict
+    from qwenkit.checkpoints.interop import qwen2_config_kwargs, to_qwen2_state_dict
+    from qwenkit.model.config import QwenConfig
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     config = QwenConfig.from_file(Path(ckpt) / "config.json")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.loading import load
+from qwenkit.checkpoints.loading import load
+from qwenkit.checkpoints.synthetic import make_checkpoint
 from qwenkit.quant import Int4Linear, Int8Linear, target_linears
 
 # Not trivial, still quick on 2 cores: 8 layers of width 1024 (both ffn and hidden widths divide by 128).

@@ -54,7 +54,7 @@ def free_port() -> int:
 def start_server(model: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [
-        sys.executable, "-m", "qwenkit.cli", "serve", "-m", model, "--port", str(port), "--model-name", "bench",
+        sys.executable, "-m", "qwenkit", "serve", "-m", model, "--port", str(port), "--model-name", "bench",
         "--max-concurrency", str(args.clients), "--max-queue", str(args.queue),
     ]  # fmt: skip
     if args.threads:
@@ -242,7 +242,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from qwenkit.checkpoint import make_checkpoint
+            from qwenkit.checkpoints.synthetic import make_checkpoint
 
             model = str(make_checkpoint(Path(tmp) / "tiny", preset="tiny", dtype="float32"))
         proc, url = start_server(model, args, Path(tmp) / "server.log")

@@ -14,12 +14,13 @@ from .tokenizer import QWenTokenizer, StreamDecoder
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "qwenkit.loading",
-    "QwenConfig": "qwenkit.config",
+    "load": "qwenkit.checkpoints",
+    "make_checkpoint": "qwenkit.checkpoints",
+    "QwenConfig": "qwenkit.model",
     "QWenLMHeadModel": "qwenkit.model",
-    "KVCache": "qwenkit.kv_cache",
-    "SamplingParams": "qwenkit.sampling",
-    "make_checkpoint": "qwenkit.checkpoint",
+    "KVCache": "qwenkit.model",
+    "SamplingParams": "qwenkit.generation",
+    "make_context": "qwenkit.tokenizer.chat_format",
 }
 
 __all__ = ["QWenTokenizer", "StreamDecoder", "__version__", *_LAZY]

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .generate import TokenGenerator
-from .model import QWenLMHeadModel
-from .sampling import SamplingParams
+from .generation.generate import TokenGenerator
+from .generation.sampling import SamplingParams
+from .model.transformer import QWenLMHeadModel
 
 ENCODE_TOKENS = 2048
 GENERATE_CONTEXT = 8192
@@ -53,7 +53,7 @@ class BenchResult:
 
 def default_checkpoint(cache_dir: Path | None = None) -> Path:
     """The full-size synthetic 1.8B bf16 checkpoint, created on first use (about 3.7 GB, 20-60 s)."""
-    from .checkpoint import make_checkpoint
+    from .checkpoints.synthetic import make_checkpoint
 
     root = cache_dir or Path(os.environ.get("QWENKIT_CACHE", Path.home() / ".cache" / "qwenkit"))
     path = root / "synthetic-qwen-1_8b-bf16"
@@ -125,7 +125,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def _load(model: str, dtype: str, device: str, quantize: str | None) -> QWenLMHeadModel:
-    from .loading import load
+    from .checkpoints.loading import load
 
     kwargs: dict[str, Any] = {"dtype": dtype, "device": device, "progress": False}
     if quantize:

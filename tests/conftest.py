@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from qwenkit.config import preset
-from qwenkit.model import QWenLMHeadModel
+from qwenkit.model.config import preset
+from qwenkit.model.transformer import QWenLMHeadModel
 
 
 def _init_scaled(model: QWenLMHeadModel, gen: torch.Generator) -> None:

@@ -6,14 +6,14 @@ import json
 import subprocess
 import sys
 
-from qwenkit.checkpoint import make_checkpoint
+from qwenkit.checkpoints.synthetic import make_checkpoint
 
 
 def test_bench_prints_the_card_tables_and_json(tmp_path):
     demo = make_checkpoint(tmp_path / "demo", preset="tiny", dtype="float32")
     out_json = tmp_path / "bench.json"
     out = subprocess.run(
-        [sys.executable, "-m", "qwenkit.cli", "bench", "-m", str(demo), "--dtype", "float32", "--gen", "4",
+        [sys.executable, "-m", "qwenkit", "bench", "-m", str(demo), "--dtype", "float32", "--gen", "4",
          "--prompt-len", "8", "--runs", "2", "--threads", "1", "--json", str(out_json)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -27,7 +27,7 @@ def test_bench_prints_the_card_tables_and_json(tmp_path):
 
 def test_bench_rejects_bad_arguments(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qwenkit.cli", "bench", "-m", str(tmp_path), "--gen", "0"],
+        [sys.executable, "-m", "qwenkit", "bench", "-m", str(tmp_path), "--gen", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and "positive" in out.stderr
@@ -36,7 +36,7 @@ def test_bench_rejects_bad_arguments(tmp_path):
 def test_bench_quantized(tmp_path):
     demo = make_checkpoint(tmp_path / "demo", preset="tiny", dtype="float32")
     out = subprocess.run(
-        [sys.executable, "-m", "qwenkit.cli", "bench", "-m", str(demo), "--dtype", "float32", "--quantize", "int4",
+        [sys.executable, "-m", "qwenkit", "bench", "-m", str(demo), "--dtype", "float32", "--quantize", "int4",
          "--gen", "3", "--prompt-len", "8", "--runs", "1", "--no-memory"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwenkit import QWenTokenizer
-from qwenkit.chat_format import make_context, messages_to_history, messages_to_ids, stop_words_ids
-from qwenkit.vocab import official_vocab_file
+from qwenkit.tokenizer.chat_format import make_context, messages_to_history, messages_to_ids, stop_words_ids
+from qwenkit.tokenizer.vocab import official_vocab_file
 
 
 @pytest.fixture(scope="module")

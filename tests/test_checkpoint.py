@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qwenkit.checkpoint import _shard_count, make_checkpoint, plan_shards
-from qwenkit.config import QwenConfig, preset
-from qwenkit.model import QWenLMHeadModel
-from qwenkit.vocab import official_vocab_file
+from qwenkit.checkpoints.synthetic import _shard_count, make_checkpoint, plan_shards
+from qwenkit.model.config import QwenConfig, preset
+from qwenkit.model.transformer import QWenLMHeadModel
+from qwenkit.tokenizer.vocab import official_vocab_file
 
 # The keys of the official Qwen-1_8B-Chat config.json.
 OFFICIAL_CONFIG_KEYS = {

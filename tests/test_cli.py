@@ -11,11 +11,11 @@ import pexpect
 import pytest
 
 from qwenkit import QWenTokenizer
-from qwenkit.chat_format import make_context
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.vocab import official_vocab_file
+from qwenkit.checkpoints.synthetic import make_checkpoint
+from qwenkit.tokenizer.chat_format import make_context
+from qwenkit.tokenizer.vocab import official_vocab_file
 
-QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+QWENKIT = [sys.executable, "-m", "qwenkit"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_terminal_session(demo):
     child = pexpect.spawn(
-        sys.executable, ["-m", "qwenkit.cli", "chat", "-m", str(demo), "--max-new-tokens", "100000", "--greedy"],
+        sys.executable, ["-m", "qwenkit", "chat", "-m", str(demo), "--max-new-tokens", "100000", "--greedy"],
         encoding="utf-8", timeout=60,
     )  # fmt: skip
     try:

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from qwenkit import QWenTokenizer
-from qwenkit.chat import chat, chat_stream, generate_ids
-from qwenkit.chat_format import make_context
-from qwenkit.generate import TokenGenerator, generate, generate_batch, stream
-from qwenkit.model import QWenLMHeadModel
-from qwenkit.sampling import SamplingParams
-from qwenkit.vocab import official_vocab_file
+from qwenkit.generation.chat import chat, chat_stream, generate_ids
+from qwenkit.generation.generate import TokenGenerator, generate, generate_batch, stream
+from qwenkit.generation.sampling import SamplingParams
+from qwenkit.model.transformer import QWenLMHeadModel
+from qwenkit.tokenizer.chat_format import make_context
+from qwenkit.tokenizer.vocab import official_vocab_file
 
 VALID_VOCAB = 151851
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.config import QwenConfig
-from qwenkit.loading import load
-from qwenkit.model import QWenLMHeadModel
+from qwenkit.checkpoints.gptq import GptqConfig, convert_linear
+from qwenkit.checkpoints.loading import load
+from qwenkit.checkpoints.synthetic import make_checkpoint
+from qwenkit.model.config import QwenConfig
+from qwenkit.model.transformer import QWenLMHeadModel
 from qwenkit.quant import Int4Linear, Int8Linear, QuantizedLinear
-from qwenkit.quant.gptq import GptqConfig, convert_linear
 
 IDS = torch.tensor(
     [[9707, 11, 1879, 374, 264, 1273, 13, 40, 1075], [40, 1075, 279, 5284, 382, 151643, 0, 7, 9]]

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenkit import weight_files
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.config import QwenConfig
-from qwenkit.loading import OFFICIAL_GENERATION_CONFIG, load
-from qwenkit.model import QWenLMHeadModel
-from qwenkit.tokenizer import QWenTokenizer
+from qwenkit.checkpoints import weight_files
+from qwenkit.checkpoints.loading import load
+from qwenkit.checkpoints.synthetic import make_checkpoint
+from qwenkit.generation.sampling import OFFICIAL_GENERATION_CONFIG
+from qwenkit.model.config import QwenConfig
+from qwenkit.model.transformer import QWenLMHeadModel
+from qwenkit.tokenizer.tokenization import QWenTokenizer
 
 IDS = torch.tensor([[9707, 11, 1879, 374, 264, 1273, 13], [40, 1075, 279, 5284, 382, 151643, 0]])
 
@@ -297,7 +298,7 @@ def _offline(script: str, hf_home: Path) -> subprocess.CompletedProcess:
 
 
 def test_unknown_hub_id_offline_says_how_to_download(tmp_path):
-    script = "from qwenkit.loading import load\nload('Qwen/Qwen-1_8B-Chat')"
+    script = "from qwenkit import load\nload('Qwen/Qwen-1_8B-Chat')"
     result = _offline(script, tmp_path / "hf")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
@@ -313,7 +314,7 @@ def test_hub_id_resolved_from_the_cache_offline(tmp_path, ckpt):
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots").mkdir()
     _clone(ckpt, repo / "snapshots" / commit)
-    script = "from qwenkit.loading import load\nnet, tok = load('someone/tiny-qwen')\nprint(net.config.hidden_size)"
+    script = "from qwenkit import load\nnet, tok = load('someone/tiny-qwen')\nprint(net.config.hidden_size)"
     result = _offline(script, tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "64"

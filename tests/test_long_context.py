@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qwenkit.model import QWenLMHeadModel
+from qwenkit.model.transformer import QWenLMHeadModel
 
 SEQ = 32  # seq_length of the tiny model, so long context starts early
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from qwenkit.config import PRESET_NAMES, QwenConfig, preset
-from qwenkit.interop import qwen2_config_kwargs, to_qwen2_state_dict
-from qwenkit.kv_cache import KVCache
-from qwenkit.model import QWenLMHeadModel
+from qwenkit.checkpoints.interop import qwen2_config_kwargs, to_qwen2_state_dict
+from qwenkit.model.config import PRESET_NAMES, QwenConfig, preset
+from qwenkit.model.kv_cache import KVCache
+from qwenkit.model.transformer import QWenLMHeadModel
 
 ATOL = 1e-4
 

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenkit import kernels
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.cli import main
+from qwenkit.checkpoints.loading import load
+from qwenkit.checkpoints.quantize import save_quantized
+from qwenkit.checkpoints.synthetic import make_checkpoint
+from qwenkit.cli.commands import main
 from qwenkit.kernels import cpu
-from qwenkit.loading import load
-from qwenkit.model import QWenLMHeadModel
+from qwenkit.model.transformer import QWenLMHeadModel
 from qwenkit.quant import (
     Int4Linear,
     Int8Linear,
@@ -27,7 +28,6 @@ from qwenkit.quant import (
     quantize_int4,
     quantize_int8,
     quantize_model,
-    save_quantized,
     target_linears,
 )
 

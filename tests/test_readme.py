@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qwenkit.checkpoint import make_checkpoint
+from qwenkit.checkpoints.synthetic import make_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -15,8 +15,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwenkit import sampling
-from qwenkit.sampling import (
+from qwenkit.generation import sampling
+from qwenkit.generation.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     apply_temperature,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qwenkit.stopping import StopStringMatcher
+from qwenkit.generation.stopping import StopStringMatcher
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:

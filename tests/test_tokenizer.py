@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwenkit import QWenTokenizer, StreamDecoder
-from qwenkit.tokenizer import PAT_STR, SPECIAL_TOKENS
-from qwenkit.vocab import OFFICIAL_VOCAB_SIZE_BYTES, official_vocab_file
+from qwenkit.tokenizer.tokenization import PAT_STR, SPECIAL_TOKENS
+from qwenkit.tokenizer.vocab import OFFICIAL_VOCAB_SIZE_BYTES, official_vocab_file
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
-"""Weight-only quantization as module swaps: `Int8Linear` / `Int4Linear`, `quantize_model()`, quantized checkpoints
-(`save_quantized`, `quantize_checkpoint`) and exact loading of official GPTQ checkpoints.
+"""Quantization layer: weight-only int8/int4 as module swaps (`Int8Linear`, `Int4Linear`, `quantize_model()`).
+
+Owns the quantized modules and the scheme recorded in config.json (`scheme`). Reading and writing quantized or
+GPTQ checkpoints is the `checkpoints` layer's (`checkpoints.quant_plans`, `checkpoints.quantize`, `checkpoints.gptq`),
+which uses these modules; this layer never imports it.
 
 The model code never changes: linears are replaced by name, and each quantized module holds the buffers of the
 storage contract in `qwenkit.kernels` (which also owns the matmul kernels and their speed).
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 from .int4 import Int4Linear, quantize_int4
 from .int8 import Int8Linear, quantize_int8
-from .io import quantize_checkpoint, save_quantized
 from .linear import QuantizedLinear
 from .scheme import QuantScheme, quantize_model, target_linears
 
@@ -18,10 +20,8 @@ __all__ = [
     "Int8Linear",
     "QuantScheme",
     "QuantizedLinear",
-    "quantize_checkpoint",
     "quantize_int4",
     "quantize_int8",
     "quantize_model",
-    "save_quantized",
     "target_linears",
 ]

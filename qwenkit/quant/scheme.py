@@ -3,7 +3,7 @@
 Swapped: every transformer linear (`attn.c_attn`, `attn.c_proj`, `mlp.w1`, `mlp.w2`, `mlp.c_proj`) and, by
 default, `lm_head`: it is about a fifth of the weights read per token on Qwen-1.8B. The embedding stays in the
 model dtype (a lookup reads one row per token) and so does a `lm_head` tied to it. The model code is unchanged:
-modules are replaced by name. Reading and writing checkpoints is left to `qwenkit.quant.io`.
+modules are replaced by name. Reading and writing checkpoints is left to `qwenkit.checkpoints`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..tokenizer import QWenTokenizer
+from ..tokenizer.tokenization import QWenTokenizer
 from .backend import Backend
 from .chat_prompt import chat_prompt_ids
 from .completions import Served, chat_completions, completions, tool_specs

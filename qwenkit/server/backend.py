@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..model import QWenLMHeadModel
+from ..model.transformer import QWenLMHeadModel
 
 
 class Backend(Protocol):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..chat_format import DEFAULT_SYSTEM
-from ..tokenizer import QWenTokenizer
+from ..tokenizer.chat_format import DEFAULT_SYSTEM
+from ..tokenizer.tokenization import QWenTokenizer
 from . import react
 from .errors import bad_request
 from .protocol import ChatMessage

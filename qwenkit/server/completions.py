@@ -21,8 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..sampling import SamplingParams
-from ..tokenizer import QWenTokenizer
+from ..generation.sampling import SamplingParams
+from ..tokenizer.tokenization import QWenTokenizer
 from . import react
 from .chat_prompt import chat_prompt_ids
 from .engine import Engine, Event, QueueFullError, RequestHandle

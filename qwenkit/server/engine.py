@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import PREFILL_CHUNK, RowText
-from ..sampling import SamplingParams, make_generator, sample
-from ..tokenizer import QWenTokenizer
+from ..generation.generate import PREFILL_CHUNK, RowText
+from ..generation.sampling import SamplingParams, make_generator, sample
+from ..tokenizer.tokenization import QWenTokenizer
 from .backend import Backend
 
 LOG = logging.getLogger("qwenkit.server")

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .errors import APIError, bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from ..chat import resolve_generation_config
-from ..generate import MAX_CONTEXT
+from ..generation.chat import resolve_generation_config
+from ..generation.generate import MAX_CONTEXT
 from .app import Loaded, ServerOptions, create_app
 from .backend import ModelBackend
 
@@ -56,7 +56,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 
 def model_loader(args: argparse.Namespace, options: ServerOptions) -> Loaded:
     """Load the checkpoint and wrap it for the engine (runs in the background thread)."""
-    from ..loading import load
+    from ..checkpoints.loading import load
 
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     max_len = resolve_max_len(args.max_model_len, model.config.seq_length)

@@ -27,9 +27,9 @@ from server_support import (
 )
 
 from qwenkit import QWenTokenizer
-from qwenkit.checkpoint import make_checkpoint
-from qwenkit.loading import OFFICIAL_GENERATION_CONFIG
-from qwenkit.vocab import official_vocab_file
+from qwenkit.checkpoints.synthetic import make_checkpoint
+from qwenkit.generation.sampling import OFFICIAL_GENERATION_CONFIG
+from qwenkit.tokenizer.vocab import official_vocab_file
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     port = free_port()
     log = root / "server.log"
     cmd = [
-        sys.executable, "-m", "qwenkit.cli", "serve", "-m", str(ckpt), "--port", str(port),
+        sys.executable, "-m", "qwenkit", "serve", "-m", str(ckpt), "--port", str(port),
         "--api-key", API_KEY, "--max-concurrency", str(CONCURRENCY), "--max-queue", str(QUEUE),
         "--max-model-len", str(MAX_LEN), "--cors-origin", ALLOWED_ORIGIN, "--dtype", "float32", "--device", "cpu",
         "--threads", "1",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
@@ -204,7 +205,10 @@ def test_logs_hold_no_prompts_and_escape_control_characters(server, http):
     assert r.status_code == 200
     r = http.get("/v1/x%0AFORGED-LINE%1B[31m")  # uvicorn percent-decodes the path
     assert r.status_code == 404
-    log = server.log.read_text(errors="replace")
+    # The access log line is written after the response is sent: wait for it (a busy machine delays it).
+    deadline = time.monotonic() + 10
+    while "FORGED-LINE" not in (log := server.log.read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert marker not in log
     assert "\x1b" not in log and not any(line.startswith("FORGED-LINE") for line in log.splitlines())
     assert "\\x0aFORGED-LINE\\x1b" in log

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwenkit.chat_format import DEFAULT_SYSTEM, make_context
 from qwenkit.server.chat_prompt import chat_prompt_ids
 from qwenkit.server.errors import APIError
 from qwenkit.server.protocol import ChatMessage
 from qwenkit.server.react import PlainParser, ReactParser, ToolSpec, instruction
+from qwenkit.tokenizer.chat_format import DEFAULT_SYSTEM, make_context
 
 
 def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
@@ -105,8 +105,8 @@ def test_react_parser_outcomes():
 
 def test_package_imports_without_the_web_stack():
     code = (
-        "import sys, qwenkit, qwenkit.cli, qwenkit.server.engine; "
-        "qwenkit.cli.build_parser(); "
+        "import sys, qwenkit, qwenkit.cli.commands, qwenkit.server.engine; "
+        "qwenkit.cli.commands.build_parser(); "
         "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -120,7 +120,7 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "qwenkit.cli",
+        "qwenkit",
         "serve",
         "-m",
         str(tmp_path / "missing"),

@@ -31,6 +31,20 @@ OVERRIDE_KEYS = (
 )
 
 
+# What the official Qwen-*-Chat generation_config.json holds; used when a directory has none.
+OFFICIAL_GENERATION_CONFIG: dict[str, Any] = {
+    "chat_format": "chatml",
+    "do_sample": True,
+    "eos_token_id": 151643,
+    "max_new_tokens": 512,
+    "max_window_size": 6144,
+    "pad_token_id": 151643,
+    "repetition_penalty": 1.1,
+    "top_k": 0,
+    "top_p": 0.8,
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token. Every field is validated on construction (`ValueError` names field and range).

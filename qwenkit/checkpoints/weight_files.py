@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .config import QwenConfig
+from ..model.config import QwenConfig
 
 _CHUNK_BYTES = 64 << 20
 _FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -2,7 +2,7 @@
 
 On a terminal it shows prompts and streams answers; Ctrl-C stops an answer, Ctrl-D or `:q` exits. When stdin is
 not a terminal it reads one query per line and prints one answer per query (scriptable). Lines starting with ':'
-are commands in both modes. Generation itself is `qwenkit.chat.prepare_chat` + `qwenkit.generate.stream`.
+are commands in both modes. Generation itself is `qwenkit.generation.chat.prepare_chat` + `qwenkit.generation.generate.stream`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import prepare_chat, resolve_generation_config
-from .chat_format import DEFAULT_SYSTEM
-from .generate import stream
-from .model import QWenLMHeadModel
-from .sampling import OVERRIDE_KEYS, SamplingParams
-from .tokenizer import QWenTokenizer
+from ..generation.chat import prepare_chat, resolve_generation_config
+from ..generation.generate import stream
+from ..generation.sampling import OVERRIDE_KEYS, SamplingParams
+from ..model.transformer import QWenLMHeadModel
+from ..tokenizer.chat_format import DEFAULT_SYSTEM
+from ..tokenizer.tokenization import QWenTokenizer
 
 # What :conf may change: the model card's generation settings (seed has its own command).
 CONF_KEYS = tuple(k for k in OVERRIDE_KEYS if k not in ("seed", "stop", "stop_token_ids"))
@@ -212,7 +212,7 @@ def run_chat(session: ChatSession, stdin: TextIO) -> int:
 
 def main_chat(args: Any) -> int:
     """Entry point of `qwenkit chat` (args from the argparse parser in cli.py)."""
-    from .loading import load
+    from ..checkpoints.loading import load
 
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     start_conf = {

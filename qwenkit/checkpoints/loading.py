@@ -17,27 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import QwenConfig
-from .model import QWenLMHeadModel
-from .tokenizer import QWenTokenizer
-from .vocab import VOCAB_FILE_NAME
+from ..generation.sampling import OFFICIAL_GENERATION_CONFIG
+from ..model.config import QwenConfig
+from ..model.transformer import QWenLMHeadModel
+from ..tokenizer.tokenization import QWenTokenizer
+from ..tokenizer.vocab import VOCAB_FILE_NAME
 from .weight_files import check_index, check_layout, open_weights, read_json, read_state
 
 if TYPE_CHECKING:
-    from .quant.scheme import QuantScheme
-
-# What the official Qwen-*-Chat generation_config.json holds; used when a directory has none.
-OFFICIAL_GENERATION_CONFIG: dict[str, Any] = {
-    "chat_format": "chatml",
-    "do_sample": True,
-    "eos_token_id": 151643,
-    "max_new_tokens": 512,
-    "max_window_size": 6144,
-    "pad_token_id": 151643,
-    "repetition_penalty": 1.1,
-    "top_k": 0,
-    "top_p": 0.8,
-}
+    from ..quant.scheme import QuantScheme
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -88,7 +76,7 @@ def load(
     tokenizer = QWenTokenizer.from_pretrained(model_dir)  # before the weights: a missing vocab fails fast
 
     # -- quantization (qwenkit.quant): a plan for quantized checkpoints or quantize=; None for plain float --
-    from .quant.io import plan_load
+    from .quant_plans import plan_load
 
     plan = plan_load(config, model_dir, quantize)
     # ----------------------------------------------------------------------------------------------------------

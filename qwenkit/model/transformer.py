@@ -2,26 +2,26 @@
 
 Module and parameter names equal the official checkpoint keys, so loading needs no key map, and every linear layer
 is an `nn.Linear` (a subclass with a fast CPU path) reachable by name so quantization can swap it. Loading weights,
-sampling and deciding which cache rows are in use are left to `loading`, `sampling` and `generate`.
+sampling and deciding which cache rows are in use are left to `checkpoints` and `generation`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation.chat import ChatMixin
+from ..kernels import linear_bf16
 from .config import QwenConfig
-from .kernels import linear_bf16
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from .tokenizer import QWenTokenizer
+    pass
 
 
 def ntk_alpha_for_length(length: int, seq_length: int) -> float:
@@ -202,7 +202,7 @@ class QWenModel(nn.Module):
         return x  # ln_f is applied by the caller, after picking the positions it needs
 
 
-class QWenLMHeadModel(nn.Module):
+class QWenLMHeadModel(ChatMixin, nn.Module):
     """Qwen (v1) causal LM. See `forward` and docs/architecture.md for the calling contract."""
 
     def __init__(
@@ -234,53 +234,6 @@ class QWenLMHeadModel(nn.Module):
         if not self.config.use_dynamic_ntk:
             return 1.0
         return ntk_alpha_for_length(prompt_len, self.config.seq_length)
-
-    # The model card's API as thin methods; the real implementations are functions in qwenkit.chat (imported
-    # here lazily because that module imports this one).
-    def chat(
-        self,
-        tokenizer: QWenTokenizer,
-        query: str,
-        history: Sequence[tuple[str, str | None]] | None = None,
-        system: str = "You are a helpful assistant.",
-        stop_words_ids: Sequence[Sequence[int]] | None = None,
-        generation_config: Any = None,
-        **kwargs: Any,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """`(response, history)` for one chat turn; see `qwenkit.chat.chat`."""
-        from .chat import chat
-
-        return chat(self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs)
-
-    def chat_stream(
-        self,
-        tokenizer: QWenTokenizer,
-        query: str,
-        history: Sequence[tuple[str, str | None]] | None = None,
-        system: str = "You are a helpful assistant.",
-        stop_words_ids: Sequence[Sequence[int]] | None = None,
-        generation_config: Any = None,
-        **kwargs: Any,
-    ) -> Iterator[str]:
-        """Yield the growing response text; see `qwenkit.chat.chat_stream`."""
-        from .chat import chat_stream
-
-        return chat_stream(
-            self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs
-        )
-
-    def generate(
-        self,
-        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
-        generation_config: Any = None,
-        stop_words_ids: Sequence[Sequence[int]] | None = None,
-        tokenizer: QWenTokenizer | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor | list[int] | list[list[int]]:
-        """Raw continuation of one prompt or a batch; see `qwenkit.chat.generate_ids`."""
-        from .chat import generate_ids
-
-        return generate_ids(self, input_ids, generation_config, stop_words_ids, tokenizer=tokenizer, **kwargs)
 
     def new_cache(
         self,

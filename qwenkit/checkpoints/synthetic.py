@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import preset as config_preset
+from ..model.config import preset as config_preset
+from ..model.transformer import QWenLMHeadModel
+from ..tokenizer.vocab import VOCAB_FILE_NAME, official_vocab_file
 from .loading import OFFICIAL_GENERATION_CONFIG, SAFETENSORS_FILE, SAFETENSORS_INDEX, parse_dtype
-from .model import QWenLMHeadModel
-from .vocab import VOCAB_FILE_NAME, official_vocab_file
 
 # The official 1.8B checkpoint ships as two shards of about 2 GB.
 DEFAULT_SHARD_BYTES = 2 * 10**9

@@ -2,7 +2,7 @@
 
 Every piece of chat content (system prompt, queries, responses) is tokenized as plain text, so special-token
 text typed by a user stays text: a prompt holds exactly one `<|im_start|>` per real turn. Sampling and the
-model are left to `generate`.
+model are left to `generation`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from .tokenizer import IMEND, IMSTART, QWenTokenizer
+from .tokenization import IMEND, IMSTART, QWenTokenizer
 
 ChatFormat = Literal["chatml", "raw"]
 History = Sequence[tuple[str, str | None]]

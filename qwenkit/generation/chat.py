@@ -1,6 +1,6 @@
 """The model card's API: `chat()`, `chat_stream()` and `generate_ids()`, with the official signatures.
 
-`QWenLMHeadModel.chat/chat_stream/generate` are thin methods over these functions. Defaults come from the model's
+`ChatMixin` gives `QWenLMHeadModel` the card's `chat/chat_stream/generate` methods over these functions. Defaults come from the model's
 `generation_config.json` (kept as `model.generation_config` by `load`); keyword arguments override them.
 Differences from the official code, on purpose: the last token is not dropped when `max_new_tokens` is reached,
 extra `stop_words_ids` end the reply without their text, and streaming never re-decodes the whole reply.
@@ -14,17 +14,16 @@ from typing import Any
 
 import torch
 
-from .chat_format import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, History, make_context
-from .chat_format import stop_words_ids as chat_stop_words_ids
+from ..tokenizer.chat_format import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, History, make_context
+from ..tokenizer.chat_format import stop_words_ids as chat_stop_words_ids
+from ..tokenizer.tokenization import QWenTokenizer
+from ..tokenizer.vocab import official_vocab_file
 from .generate import generate, generate_batch, stream
-from .loading import OFFICIAL_GENERATION_CONFIG
-from .model import QWenLMHeadModel
-from .sampling import SamplingParams
-from .tokenizer import QWenTokenizer
-from .vocab import official_vocab_file
+from .protocol import CausalLM
+from .sampling import OFFICIAL_GENERATION_CONFIG, SamplingParams
 
 
-def resolve_generation_config(model: QWenLMHeadModel, generation_config: Any = None) -> dict[str, Any]:
+def resolve_generation_config(model: CausalLM, generation_config: Any = None) -> dict[str, Any]:
     """The generation config to use: the given one (dict or object with `to_dict()`), else the model's."""
     cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if cfg is None:
@@ -37,7 +36,7 @@ def resolve_generation_config(model: QWenLMHeadModel, generation_config: Any = N
 
 
 def prepare_chat(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     query: str,
     history: History | None,
@@ -80,7 +79,7 @@ def _sampling_params(
 
 
 def chat(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     query: str,
     history: History | None = None,
@@ -104,7 +103,7 @@ def chat(
 
 
 def chat_stream(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     tokenizer: QWenTokenizer,
     query: str,
     history: History | None = None,
@@ -126,7 +125,7 @@ def chat_stream(
 
 
 def generate_ids(
-    model: QWenLMHeadModel,
+    model: CausalLM,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     generation_config: Any = None,
     stop_words_ids: Sequence[Sequence[int]] | None = None,
@@ -155,3 +154,50 @@ def generate_ids(
         width = max(len(o) for o in outputs)
         return torch.tensor([o + [pad] * (width - len(o)) for o in outputs], device=input_ids.device)
     return outputs[0] if single else outputs
+
+
+class ChatMixin:
+    """The model card's `model.chat`, `model.chat_stream` and `model.generate`, with the official signatures.
+
+    `QWenLMHeadModel` inherits these thin methods, so the model layer sits above generation and needs no
+    import from a higher layer; the methods only delegate to the functions above.
+    """
+
+    def chat(
+        self: CausalLM,
+        tokenizer: QWenTokenizer,
+        query: str,
+        history: Sequence[tuple[str, str | None]] | None = None,
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: Sequence[Sequence[int]] | None = None,
+        generation_config: Any = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """`(response, history)` for one chat turn; see `qwenkit.generation.chat.chat`."""
+        return chat(self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs)
+
+    def chat_stream(
+        self: CausalLM,
+        tokenizer: QWenTokenizer,
+        query: str,
+        history: Sequence[tuple[str, str | None]] | None = None,
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: Sequence[Sequence[int]] | None = None,
+        generation_config: Any = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield the growing response text; see `qwenkit.generation.chat.chat_stream`."""
+        return chat_stream(
+            self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs
+        )
+
+    def generate(
+        self: CausalLM,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        generation_config: Any = None,
+        stop_words_ids: Sequence[Sequence[int]] | None = None,
+        tokenizer: QWenTokenizer | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | list[int] | list[list[int]]:
+        """Raw continuation of one prompt or a batch; see `qwenkit.generation.chat.generate_ids`."""
+        return generate_ids(self, input_ids, generation_config, stop_words_ids, tokenizer=tokenizer, **kwargs)

@@ -10,7 +10,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint import make_checkpoint
+    from ..checkpoints.synthetic import make_checkpoint
 
     out = make_checkpoint(
         args.out,
@@ -25,11 +25,11 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .chat import resolve_generation_config
-    from .cli_chat import check_settings
-    from .generate import stream
-    from .loading import load
-    from .sampling import SamplingParams
+    from ..checkpoints.loading import load
+    from ..generation.chat import resolve_generation_config
+    from ..generation.generate import stream
+    from ..generation.sampling import SamplingParams
+    from .chat import check_settings
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
@@ -49,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import format_result, run_bench, write_json
+    from ..bench import format_result, run_bench, write_json
 
     result = run_bench(
         args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, gen_tokens=args.gen,
@@ -62,7 +62,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .quant import QuantScheme, quantize_checkpoint
+    from ..checkpoints.quantize import quantize_checkpoint
+    from ..quant import QuantScheme
 
     scheme = QuantScheme(QuantScheme.parse(args.to).bits, args.group_size, not args.no_lm_head)
     out = quantize_checkpoint(args.model, args.out, scheme, device=args.device, overwrite=args.overwrite)
@@ -72,14 +73,14 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .cli_chat import main_chat
+    from .chat import main_chat
 
     return main_chat(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from .server.run import serve
+        from ..server.run import serve
     except ImportError as exc:
         raise ValueError(f"{exc}; install the server extra: pip install 'qwenkit[server]'") from exc
     return serve(args)
@@ -265,6 +266,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qwenkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
