@@ -38,15 +38,17 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import isa
+
 logger = logging.getLogger(__name__)
 
-DISABLE_ENV = "QWENKIT_DISABLE_EXT"  # "1": never use the extension (the reference runs everywhere)
+DISABLE_ENV = "QWENKIT_DISABLE_EXT"  # "1": never use the extension (the PyTorch paths run everywhere)
+REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (an error instead of the fallback)
 # Where the GEMV kernels stop beating the alternatives (measured at 5504x2048 and 2048x5504, 2 threads):
 # int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
@@ -54,62 +56,83 @@ BF16_GEMV_MAX_ELEMENTS = 16384
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "ops.cpp")]  # + common.h
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "f16c", "fma")
+_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "ops.cpp")]  # + common.h, simd.h
 # -fopenmp: at::parallel_for is a header template that runs serially without it; the extension then shares
 # the libgomp.so.1 that torch has already loaded (same soname), so there is one thread pool.
-_CFLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mtune=native", "-fopenmp"]
+_CFLAGS = ["-O3", "-mtune=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK_K = {8: 32, 4: 64}  # k per 32-byte weight chunk of the GEMV kernels: K must be a multiple
 _MAX_FLUSH = 4096  # k per int32 accumulation in the kernel (overflow bound)
 
 
-def _missing_cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return list(_CPU_FLAGS)
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in _CPU_FLAGS if f not in have]
-    return list(_CPU_FLAGS)
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def kernel_set() -> str | None:
+    """The kernel set in use now (None: the PyTorch paths), building it at first use.
+
+    QWENKIT_DISABLE_EXT=1 or QWENKIT_ISA=none: None. QWENKIT_ISA=avx2|avx512: that set (ValueError if this CPU
+    cannot run it). Otherwise the best set the CPU runs; if it fails to build, the next one, unless
+    QWENKIT_REQUIRE_EXT=1 (then the build error is raised).
+    """
+    if _flag(DISABLE_ENV):
+        return None
+    return _resolve(os.environ.get(isa.ISA_ENV, "").strip().lower() or None, isa.cpu_flags())
 
 
 @functools.cache
-def _ops():
-    """Build (or load the cached build of) the extension once per process; None if it cannot run here."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        logger.info(
-            "qwenkit: fast CPU kernels need x86-64, found %s; using the PyTorch reference", platform.machine()
-        )
+def _resolve(override: str | None, flags: frozenset[str]) -> str | None:
+    chosen = isa.choose_kernel_set(flags, override)
+    if chosen is None:
+        logger.info("qwenkit: CPU kernels: PyTorch paths (%s)", "QWENKIT_ISA=none" if override else _no_set_reason(flags))
         return None
-    missing = _missing_cpu_flags()
-    if missing:
-        logger.info("qwenkit: CPU lacks %s; using the PyTorch reference kernels", ", ".join(missing))
-        return None
+    for name in [chosen] if override else isa.runnable_sets(flags):
+        if ops_for(name) is not None:
+            why = f"{isa.ISA_ENV}={name}" if override else "the best set this CPU runs that builds"
+            logger.info("qwenkit: CPU kernels: %s (%s; %s)", name, why, isa.describe(flags, name))
+            return name
+    logger.info("qwenkit: CPU kernels: PyTorch paths (no kernel set built; see the log above)")
+    return None
+
+
+def _no_set_reason(flags: frozenset[str]) -> str:
+    if not isa.is_x86():
+        return "the C++ kernels are x86-64 only"
+    return f"the CPU lacks {', '.join(isa.missing_flags('avx2', flags))} (the smallest kernel set, avx2)"
+
+
+@functools.cache
+def ops_for(name: str):
+    """torch.ops namespace of kernel set `name`, built (or loaded from the cache) once per process; None if it
+    does not build here (RuntimeError instead with QWENKIT_REQUIRE_EXT=1). ValueError for a set this CPU cannot
+    run: even loading one is not safe (the AVX-512 library's static initializers use AVX-512: SIGILL)."""
+    if name not in isa.runnable_sets(isa.cpu_flags()):
+        raise ValueError(f"kernel set {name!r} cannot run on this CPU ({isa.describe(isa.cpu_flags(), None)})")
+    kset = isa.BY_NAME[name]
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=f"qwenkit_cpu_{_source_digest()}",
+            name=f"qwenkit_{name}_{_source_digest(name)}",
             sources=[str(p) for p in _SOURCES],
-            extra_cflags=_CFLAGS,
+            extra_cflags=[*_CFLAGS, *kset.cflags],
             extra_ldflags=_LDFLAGS,
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # no compiler or ninja, build error: the reference still works
-        logger.info("qwenkit: fast CPU kernels unavailable (%s); using the PyTorch reference", exc)
+    except Exception as exc:  # no compiler or ninja, build error: the PyTorch paths still work
+        if _flag(REQUIRE_ENV):
+            raise RuntimeError(f"{REQUIRE_ENV} is set but the {name} CPU kernels did not build: {exc}") from exc
+        logger.info("qwenkit: %s CPU kernels unavailable (%s)", name, exc)
         return None
-    return torch.ops.qwenkit_cpu
+    return getattr(torch.ops, f"qwenkit_{name}")
 
 
-def _source_digest() -> str:
-    """Hash of the sources and flags: each distinct build gets its own directory in the torch extensions cache,
-    so two checkouts (or versions) never load each other's stale library."""
-    digest = hashlib.sha1(" ".join(_CFLAGS + _LDFLAGS).encode())
+def _source_digest(name: str) -> str:
+    """Hash of the sources and flags of one kernel set: each distinct build gets its own directory in the torch
+    extensions cache (named by set and hash), so two checkouts (or versions) never load each other's library."""
+    digest = hashlib.sha1(" ".join([*_CFLAGS, *isa.BY_NAME[name].cflags, *_LDFLAGS]).encode())
     for path in sorted(_CSRC.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + path.read_bytes())
@@ -117,8 +140,8 @@ def _source_digest() -> str:
 
 
 def available() -> bool:
-    """True when the extension is built (building it now if needed) and not disabled by QWENKIT_DISABLE_EXT."""
-    return os.environ.get(DISABLE_ENV, "") in ("", "0") and _ops() is not None
+    """True when a kernel set is in use (building it now if needed); see `kernel_set`."""
+    return kernel_set() is not None
 
 
 def _plain_cpu(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -165,8 +188,8 @@ def _quant_supported(
     return _plain_cpu(x, qweight, scales, offsets, bias)
 
 
-def _gemv_ok(k: int, group_size: int, bits: int) -> bool:
-    chunk = _CHUNK_K[bits]
+def _gemv_ok(kset: str, k: int, group_size: int, bits: int) -> bool:
+    chunk = isa.BY_NAME[kset].chunk_k[bits]
     return k % chunk == 0 and _flush_ok(k, group_size, chunk)
 
 
@@ -185,9 +208,12 @@ def linear_quant(
 ) -> torch.Tensor | None:
     """`x @ dequantize(weight).T + bias` in x.dtype for int8 (bits=8) or packed int4 (bits=4) weights; None when
     the fast path does not apply (the caller then runs the reference)."""
-    if not _quant_supported(x, qweight, scales, offsets, group_size, bias, bits) or not available():
+    if not _quant_supported(x, qweight, scales, offsets, group_size, bias, bits):
         return None
-    ops = _ops()
+    kset = kernel_set()
+    if kset is None:
+        return None
+    ops = ops_for(kset)
     k, n = x.shape[-1], qweight.shape[0]
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
     qweight, scales, offsets, bias = (
@@ -196,29 +222,42 @@ def linear_quant(
         _contig(offsets),
         _contig(bias),
     )
-    if x2.shape[0] <= GEMV_MAX_ROWS and _gemv_ok(k, group_size, bits):
+    if x2.shape[0] <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits):
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     else:
         y = _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits)
     return y.view(*x.shape[:-1], n)
 
 
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to run a CPU matrix multiply of `dtype` activations in: bf16 only where oneDNN has bf16
+    hardware (AVX512-BF16, AMX); elsewhere PyTorch emulates it (~0.01-0.02 TFLOP/s on 2 Zen 2/3 cores against
+    ~0.16 for fp32), so fp32."""
+    if dtype == torch.bfloat16 and not isa.native_bf16_gemm(isa.cpu_flags()):
+        return torch.float32
+    return dtype
+
+
 def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -> torch.Tensor:
-    """Prefill: dequantize row tiles of the weight to x.dtype and multiply with F.linear. (M, K) -> (M, N)."""
+    """Prefill: dequantize row tiles of the weight (fused C++ kernel) and multiply with F.linear, in
+    `gemm_dtype(x.dtype)`. (M, K) -> (M, N) in x.dtype."""
     n, k = qweight.shape[0], x2.shape[1]
+    dtype = gemm_dtype(x2.dtype)
+    xg = x2.to(dtype)
     rows = max(16, PREFILL_TILE_ELEMENTS // k // 16 * 16)
     if bias is not None:
-        bias = bias.to(x2.dtype)
+        bias = bias.to(dtype)
     outs = []
-    tile = torch.empty(min(rows, n), k, dtype=x2.dtype)
+    tile = torch.empty(min(rows, n), k, dtype=dtype)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         w = tile[: n1 - n0]
         ops.dequant(
             qweight[n0:n1], scales[n0:n1], None if offsets is None else offsets[n0:n1], group_size, bits, w
         )
-        outs.append(F.linear(x2, w, None if bias is None else bias[n0:n1]))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        outs.append(F.linear(xg, w, None if bias is None else bias[n0:n1]))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return y.to(x2.dtype)
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -232,7 +271,10 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in _FLOATS):
         return None
-    if x.numel() > BF16_GEMV_MAX_ELEMENTS or not _plain_cpu(x, weight, bias) or not available():
+    if x.numel() > BF16_GEMV_MAX_ELEMENTS or not _plain_cpu(x, weight, bias):
         return None
-    y = _ops().gemv_bf16(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
+    kset = kernel_set()
+    if kset is None:
+        return None
+    y = ops_for(kset).gemv_bf16(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,9 +1,7 @@
-// Shared helpers of the qwenkit CPU kernels (AVX-512 BW/VNNI/BF16): dtype tags, scalar and vector loads of
-// fp32/bf16/fp16 tensors, weight prefetch, activation-row tiling, and the op entry points that ops.cpp registers.
-// What the kernels do and how fast they are is written down in qwenkit/kernels/cpu.py.
+// Shared helpers of the qwenkit CPU kernels, for every kernel set (simd.h): dtype tags, scalar and vector loads
+// of fp32/bf16/fp16 tensors, weight prefetch, activation-row tiling, and the op entry points that ops.cpp
+// registers. What the kernels do and how fast they are is written down in qwenkit/kernels/cpu.py.
 #pragma once
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -12,16 +10,19 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace qwenkit_cpu {
+#include "simd.h"
+
+namespace QK_NS {
 
 // GCC's partial redundancy elimination turns the accumulator arrays of the kernels into register copies and
 // stack spills inside the inner loops (2-3x slower with 8 activation rows), so the kernels turn it off.
 #define QK_NO_PRE __attribute__((optimize("no-tree-pre")))
 
 // Software prefetch of the weight stream into L2, kPrefetch bytes ahead (one per 64-byte line): the int8
-// GEMV read ~53 GB/s from memory on 2 threads without it and ~65 with it; 2 KiB ahead was no better than none.
+// GEMV read ~53 GB/s from memory on 2 threads without it and ~65 with it (AVX-512, Zen 5); 2 KiB ahead was no
+// better than none.
 constexpr int64_t kPrefetch = 8192;
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T1); }
+QK_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T1); }
 
 // Activation rows per pass over the weight: as many as keep their x within kXBudget bytes, so x stays in L1
 // while the weights stream past; more rows are done in several balanced passes.
@@ -44,27 +45,35 @@ inline FT ft_of(const at::Tensor& t, const char* what) {
   }
 }
 
-__attribute__((always_inline)) inline float ld1(const void* p, FT t, int64_t i) {
+QK_INLINE float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+QK_INLINE float ld1(const void* p, FT t, int64_t i) {
   switch (t) {
     case FT::F32: return static_cast<const float*>(p)[i];
-    case FT::BF16: {
-      uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    }
+    case FT::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
     default: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
   }
 }
 
-__attribute__((always_inline)) inline __m512 ld16(const void* p, FT t, int64_t i, __mmask16 k) {
+// kL consecutive values of a float tensor as fp32.
+QK_INLINE vf ldv(const void* p, FT t, int64_t i) {
   switch (t) {
-    case FT::F32: return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
-    case FT::BF16:
-      return _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i)), 16));
-    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
+    case FT::F32: return fload(static_cast<const float*>(p) + i);
+    case FT::BF16: return fload_bf16(static_cast<const uint16_t*>(p) + i);
+    default: return fload_f16(static_cast<const uint16_t*>(p) + i);
   }
+}
+
+// n values of a float tensor from element i -> dst as fp32 (vectors, then a scalar tail).
+inline void load_f32(const void* p, FT t, int64_t i, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + kL <= n; j += kL) fstore(dst + j, ldv(p, t, i + j));
+  for (; j < n; ++j) dst[j] = ld1(p, t, i + j);
 }
 
 inline uint16_t f32_to_bf16(float f) {
@@ -83,8 +92,6 @@ inline void st1(void* p, FT t, int64_t i, float v) {
   }
 }
 
-inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
-
 // Op entry points (schemas in ops.cpp).
 at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
@@ -93,4 +100,4 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::opt
              int64_t group_size, int64_t bits, at::Tensor& out);
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
-}  // namespace qwenkit_cpu
+}  // namespace QK_NS

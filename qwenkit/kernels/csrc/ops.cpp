@@ -1,13 +1,17 @@
-// Registers the qwenkit CPU kernels as torch.ops.qwenkit_cpu.* (built and loaded by qwenkit/kernels/cpu.py).
+// Registers the qwenkit CPU kernels of one kernel set as torch.ops.<QK_NS>.* (qwenkit_avx512 or qwenkit_avx2;
+// built and loaded by qwenkit/kernels/cpu.py).
 #include <torch/library.h>
 
 #include "common.h"
 
-TORCH_LIBRARY(qwenkit_cpu, m) {
+// TORCH_LIBRARY pastes its first argument as written; this indirection expands QK_NS first.
+#define QK_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+QK_TORCH_LIBRARY(QK_NS, m) {
   m.def("gemv_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size, Tensor? bias, int bits)"
         " -> Tensor",
-        &qwenkit_cpu::gemv_quant);
-  m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &qwenkit_cpu::gemv_bf16);
+        &QK_NS::gemv_quant);
+  m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemv_bf16);
   m.def("dequant(Tensor qweight, Tensor scales, Tensor? offsets, int group_size, int bits, Tensor(a!) out) -> ()",
-        &qwenkit_cpu::dequant);
+        &QK_NS::dequant);
 }

@@ -1,12 +1,16 @@
 // Quantized (int8 / packed int4) linear kernels: the small-M GEMV and the fused dequantize used for prefill.
+// Written once against simd.h (kL 32-bit lanes per vector), compiled once per kernel set.
 //
 // Quantized GEMV: activations x [M, K] are quantized per row to int16 (scale = absmax / 32767, so the error is
 // ~1e-5 relative, far below the weight's own), weights are widened to int16 in registers and multiplied with
-// vpdpwssd (2 products per int32 lane). Int32 sums are converted to fp32 once per weight group ("flush"),
-// scaled by the group's weight scale; offsets add sum_g offset[n, g] * sum_{k in g} xq[m, k] at the end:
+// idot16 (vpdpwssd, or vpmaddwd + vpaddd: 2 products per int32 lane). Int32 sums are converted to fp32 once
+// per weight group ("flush"), scaled by the group's weight scale; offsets add sum_g offset[n, g] * sum_{k in g}
+// xq[m, k] at the end:
 //   y[m, n] = dx[m] * (sum_g s[n, g] * (q[n, g] . xq[m, g]) + sum_g o[n, g] * sum(xq[m, g])) + bias[n].
-// Int4: a byte holds k = 2j (low nibble) and 2j + 1 (high nibble); for every 64 k the quantized x is stored as
-// 32 even-k words then 32 odd-k words, so the two nibble vectors multiply x without any weight shuffles.
+// A weight chunk is one vector load of 2 kL bytes (int8: 2 kL k; int4: 4 kL k). Int4: a byte holds k = 2j (low
+// nibble) and 2j + 1 (high nibble); for every 4 kL k the quantized x is stored as 2 kL even-k words then 2 kL
+// odd-k words, so the two nibble vectors multiply x without any weight shuffles.
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -15,17 +19,17 @@
 
 #include "common.h"
 
-namespace qwenkit_cpu {
+namespace QK_NS {
 namespace {
 
 // ---------------------------------------------------------------- activation quantization (per row, int16)
 
-// k per weight chunk (32 bytes of a weight row): 32 for int8, 64 for int4.
-constexpr int64_t chunk_k(bool int4) { return int4 ? 64 : 32; }
+constexpr int64_t kChunkBytes = 2 * kL;  // weight bytes per vector load
+constexpr int64_t chunk_k(bool int4) { return int4 ? 2 * kChunkBytes : kChunkBytes; }
 
 struct QuantX {
-  // [M, stride] int16, 64-byte aligned; int4 layout: per 64 k, 32 even-k words then 32 odd-k words. The row
-  // stride is K + 32 so that rows are not 4 KiB apart (with K = 2048 that aliasing cost 30% for M = 2).
+  // [M, stride] int16, 64-byte aligned; int4 layout: per 4 kL k, 2 kL even-k words then 2 kL odd-k words. The
+  // row stride is K + 32 so that rows are not 4 KiB apart (with K = 2048 that aliasing cost 30% for M = 2).
   std::vector<int16_t> buf;
   int16_t* q = nullptr;
   int64_t stride = 0;
@@ -35,49 +39,43 @@ struct QuantX {
 };
 
 void quantize_x(const void* x, FT xt, int64_t M, int64_t K, int64_t g, bool int4, QuantX& out) {
-  const int64_t G = K / g;
+  const int64_t G = K / g, ck = chunk_k(true), half = ck / 2;  // int4 layout blocks; K % chunk_k(int4) == 0
   out.Gp = (G + 15) / 16 * 16;
   out.stride = K + 32;
   out.buf.resize(M * out.stride + 32);
   out.q = out.buf.data() + (64 - reinterpret_cast<uintptr_t>(out.buf.data()) % 64) % 64 / 2;
   out.dx.resize(M);
   out.gsum.assign(M * out.Gp, 0.f);
-  alignas(64) int16_t idx_even[32], idx_odd[32];
-  for (int j = 0; j < 32; ++j) idx_even[j] = int16_t(2 * j), idx_odd[j] = int16_t(2 * j + 1);
-  const __m512i ie = _mm512_load_si512(idx_even), io = _mm512_load_si512(idx_odd);
-  const __m512i ones = _mm512_set1_epi16(1);
+  std::vector<float> xf(K);
+  std::vector<int32_t> qi(K);
   for (int64_t m = 0; m < M; ++m) {
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 nan = 0;  // vmaxps drops NaNs; remember them so that the row's outputs become NaN
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = ld16(x, xt, m * K + k, 0xffff);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    load_f32(x, xt, m * K, K, xf.data());  // K is a multiple of kL (checked by the caller)
+    vf amax = fzero();
+    bool nan = false;  // vmaxps drops NaNs; remember them so that the row's outputs become NaN
+    for (int64_t k = 0; k < K; k += kL) {
+      const vf v = fload(xf.data() + k);
+      nan |= fany_nan(v);
+      amax = fmax_(amax, fabs_(v));
     }
-    const float a = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax);
+    const float a = nan ? std::numeric_limits<float>::quiet_NaN() : freduce_max(amax);
     out.dx[m] = a / 32767.f;
-    const __m512 inv = _mm512_set1_ps(a > 0.f && a <= std::numeric_limits<float>::max() ? 32767.f / a : 0.f);
+    const vf inv = fset1(a > 0.f && a <= std::numeric_limits<float>::max() ? 32767.f / a : 0.f);
+    for (int64_t k = 0; k < K; k += kL) istore(qi.data() + k, fround_i(fmul(fload(xf.data() + k), inv)));
     int16_t* qm = out.q + m * out.stride;
-    __m512i gacc = _mm512_setzero_si512();
-    __m512i prev = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __m256i lo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(ld16(x, xt, m * K + k, 0xffff), inv)));
-      const __m256i hi =
-          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(ld16(x, xt, m * K + k + 16, 0xffff), inv)));
-      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 32 words, natural order
-      gacc = _mm512_add_epi32(gacc, _mm512_madd_epi16(w, ones));
-      if ((k + 32) % g == 0) {
-        out.gsum[m * out.Gp + k / g] = float(_mm512_reduce_add_epi32(gacc));
-        gacc = _mm512_setzero_si512();
+    float* gs = out.gsum.data() + m * out.Gp;
+    for (int64_t k0 = 0; k0 < K; k0 += g) {
+      int64_t s = 0;
+      for (int64_t k = k0; k < k0 + g; ++k) {
+        qi[k] = std::clamp<int32_t>(qi[k], -32768, 32767);  // saturate as vpmovsdw (NaN gave INT_MIN)
+        s += qi[k];
       }
-      if (!int4) {
-        _mm512_storeu_si512(qm + k, w);
-      } else if (k % 64 == 0) {
-        prev = w;
-      } else {  // words k-32..k+31 -> the even ks, then the odd ks
-        _mm512_storeu_si512(qm + k - 32, _mm512_permutex2var_epi16(prev, ie, w));
-        _mm512_storeu_si512(qm + k, _mm512_permutex2var_epi16(prev, io, w));
-      }
+      gs[k0 / g] = float(s);
+    }
+    if (!int4) {
+      for (int64_t k = 0; k < K; ++k) qm[k] = int16_t(qi[k]);
+    } else {  // per block of ck k: the even ks, then the odd ks
+      for (int64_t k0 = 0; k0 < K; k0 += ck)
+        for (int64_t j = 0; j < half; ++j) qm[k0 + j] = int16_t(qi[k0 + 2 * j]), qm[k0 + half + j] = int16_t(qi[k0 + 2 * j + 1]);
     }
   }
 }
@@ -99,86 +97,93 @@ struct QArgs {
   FT outt;
 };
 
-// One 32-byte chunk of a weight row (int8: 32 k; int4: 64 k) times MT activation rows, into int32 sums.
+// One weight chunk (2 kL bytes: int8 2 kL k, int4 4 kL k) times MT activation rows, into int32 sums.
 template <bool INT4, int MT>
-QK_NO_PRE inline void qchunk(const uint8_t* wp, const int16_t* xp, int64_t xs, __m512i (&acc)[MT]) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+QK_INLINE void qchunk(const uint8_t* wp, const int16_t* xp, int64_t xs, vi (&acc)[MT]) {
   if constexpr (INT4) {
-    const __m512i v = _mm512_cvtepu8_epi16(raw);
-    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0f)), hi = _mm512_srli_epi16(v, 4);  // even, odd k
+    const vi v = iload_u8w(wp);
+    const vi lo = iand(v, iset1_16(0x0f)), hi = isrli16(v, 4);  // even, odd k
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm512_dpwssd_epi32(acc[m], lo, _mm512_load_si512(xp + m * xs));
-      acc[m] = _mm512_dpwssd_epi32(acc[m], hi, _mm512_load_si512(xp + m * xs + 32));
+      acc[m] = idot16(acc[m], lo, iload(xp + m * xs));
+      acc[m] = idot16(acc[m], hi, iload(xp + m * xs + 2 * kL));
     }
   } else {
-    const __m512i v = _mm512_cvtepi8_epi16(raw);
+    const vi v = iload_s8w(wp);
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_dpwssd_epi32(acc[m], v, _mm512_load_si512(xp + m * xs));
+    for (int m = 0; m < MT; ++m) acc[m] = idot16(acc[m], v, iload(xp + m * xs));
   }
 }
 
-// Weight row n times MT activation rows m0..m0+MT-1. SPLIT: int4 with group 32, two groups per flush block
-// of 64 k (lanes 0-7 hold k 0..31, lanes 8-15 k 32..63). sbuf: room for the row's G scales as fp32.
-// (Two or four weight rows per step shared the x loads and ran faster from cache, but slower from memory:
-// more streams. One row it is, as for bf16.)
+// Weight row n times MT activation rows m0..m0+MT-1. SPLIT: int4 with a group of half a chunk (group 32 with
+// kL = 16), two groups per flush block (lanes 0..kL/2-1 hold the first). sbuf: room for the row's G scales as
+// fp32. (Two or four weight rows per step shared the x loads and ran faster from cache, but slower from
+// memory: more streams. One row it is, as for bf16.)
 template <bool INT4, bool SPLIT, int MT>
 QK_NO_PRE inline void qrow(const QArgs& a, int64_t m0, int64_t n, float* sbuf) {
-  const int64_t K = a.K, G = a.G;
+  const int64_t G = a.G;
   constexpr int64_t ck = chunk_k(INT4);
+  constexpr int kPerLine = 64 / kChunkBytes;  // chunks per cache line of weights
   const int64_t cpf = a.F / ck;  // chunks per flush block
-  for (int64_t i = 0; i < G; i += 16) _mm512_storeu_ps(sbuf + i, ld16(a.scales, a.st, n * G + i, tail16(G - i)));
+  load_f32(a.scales, a.st, n * G, G, sbuf);
   const int64_t xs = a.xq->stride;
   const int16_t* xp = a.xq->q + m0 * xs;
   const uint8_t* wp = a.w + n * a.row_bytes;
-  __m512 accf[MT];
+  vf accf[MT];
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) accf[m] = _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) accf[m] = fzero();
   for (int64_t f = 0; f < a.nflush; ++f) {
     // int8: a second int32 accumulator set for the odd chunks. With one set, the dependent vpdpwssd per row
-    // set the pace (int8 per channel, M = 1, from L3: 47 -> 60-65 GB/s on 1 thread). int4 has a short block
-    // (flush per group) and twice the registers in use; there a second (or fourth) set was slower.
-    __m512i acc[MT], acc2[MT];
+    // set the pace (AVX-512, int8 per channel, M = 1, from L3: 47 -> 60-65 GB/s on 1 thread). int4 has a short
+    // block (flush per group) and twice the registers in use; there a second (or fourth) set was slower.
+    vi acc[MT], acc2[MT];
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) acc[m] = acc2[m] = _mm512_setzero_si512();
+    for (int m = 0; m < MT; ++m) acc[m] = acc2[m] = izero();
     int64_t i = 0;
-    for (; i + 2 <= cpf; i += 2, wp += 64, xp += 2 * ck) {  // one cache line of weights per step
+    for (; i + kPerLine <= cpf; i += kPerLine, wp += 64, xp += kPerLine * ck) {  // one cache line per step
       prefetch(wp);
-      qchunk<INT4, MT>(wp, xp, xs, acc);
-      qchunk<INT4, MT>(wp + 32, xp + ck, xs, INT4 ? acc : acc2);
+#pragma GCC unroll 4
+      for (int c = 0; c < kPerLine; ++c) qchunk<INT4, MT>(wp + c * kChunkBytes, xp + c * ck, xs, (INT4 || c % 2 == 0) ? acc : acc2);
     }
-    if (i < cpf) {
+    for (; i < cpf; ++i, wp += kChunkBytes, xp += ck) {
       prefetch(wp);
       qchunk<INT4, MT>(wp, xp, xs, acc);
-      wp += 32, xp += ck;
     }
     if constexpr (!INT4) {
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(acc[m], acc2[m]);
+      for (int m = 0; m < MT; ++m) acc[m] = iadd(acc[m], acc2[m]);
     }
     const int64_t gi = (f * a.gmul) >> a.gshift;
-    __m512 sv = _mm512_set1_ps(sbuf[gi]);
-    if constexpr (SPLIT) sv = _mm512_mask_blend_ps(0xff00, sv, _mm512_set1_ps(sbuf[gi + 1]));
+    vf sv = fset1(sbuf[gi]);
+    if constexpr (SPLIT) sv = fblend_hi(sv, fset1(sbuf[gi + 1]));
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), sv, accf[m]);
+    for (int m = 0; m < MT; ++m) accf[m] = ffma(icvt_f(acc[m]), sv, accf[m]);
   }
-  if (a.offsets) {  // sum_g offset[n, g] * sum(q over group g)
+  if (a.offsets) {  // sum_g offset[n, g] * sum(q over group g); sbuf now holds the offsets
+    load_f32(a.offsets, a.ot, n * G, G, sbuf);
     const float* gs = a.xq->gsum.data() + m0 * a.xq->Gp;
-    for (int64_t gi = 0; gi < G; gi += 16) {
-      const __m512 ov = ld16(a.offsets, a.ot, n * G + gi, tail16(G - gi));
+    int64_t gi = 0;
+    for (; gi + kL <= G; gi += kL) {
+      const vf ov = fload(sbuf + gi);
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) accf[m] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(gs + m * a.xq->Gp + gi), accf[m]);
+      for (int m = 0; m < MT; ++m) accf[m] = ffma(ov, fload(gs + m * a.xq->Gp + gi), accf[m]);
     }
+    float tail[MT] = {};
+    for (; gi < G; ++gi)
+      for (int m = 0; m < MT; ++m) tail[m] += sbuf[gi] * gs[m * a.xq->Gp + gi];
+    for (int m = 0; m < MT; ++m) sbuf[G + m] = tail[m];
   }
   const float b = a.bias ? ld1(a.bias, a.bt, n) : 0.f;
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m)
-    st1(a.out, a.outt, (m0 + m) * a.N + n, _mm512_reduce_add_ps(accf[m]) * a.xq->dx[m0 + m] + b);
+  for (int m = 0; m < MT; ++m) {
+    const float t = a.offsets ? sbuf[G + m] : 0.f;
+    st1(a.out, a.outt, (m0 + m) * a.N + n, (freduce_add(accf[m]) + t) * a.xq->dx[m0 + m] + b);
+  }
 }
 
 template <bool INT4, bool SPLIT, int MT>
 QK_NO_PRE void qrange(const QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  std::vector<float> sbuf(a.G + 16);
+  std::vector<float> sbuf(a.G + kMaxTile + 16);
   for (int64_t n = n0; n < n1; ++n) qrow<INT4, SPLIT, MT>(a, m0, n, sbuf.data());
 }
 
@@ -196,7 +201,8 @@ void qrange_m(const QArgs& a, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
   }
 }
 
-constexpr int64_t kMaxFlush = 4096;  // k per int32 accumulation; int8: 4096 / 16 * 128 * 32767 < 2^31
+// k per int32 accumulation. int8, kL = 8: 4096 / 8 products per lane * 128 * 32767 = 2147418112 < 2^31 - 1.
+constexpr int64_t kMaxFlush = 4096;
 
 }  // namespace
 
@@ -216,7 +222,8 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   const int64_t G = K / group_size;
   TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
               "scales must be contiguous [N, K / group_size]");
-  const bool split = group_size < ck;  // int4 with group 32
+  const bool split = group_size < ck;  // int4 with group 32 on 16-lane vectors
+  TORCH_CHECK(!split || 2 * group_size == ck, "group size ", group_size, " is below half a weight chunk");
   int64_t F = std::max(group_size, ck);
   while (F > kMaxFlush && (F / 2) % ck == 0) F /= 2;
   TORCH_CHECK(F <= kMaxFlush && F % ck == 0, "group size ", group_size, " cannot be split into blocks of <= ", kMaxFlush);
@@ -231,7 +238,7 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
     a.offsets = offsets->data_ptr(), a.ot = ft_of(*offsets, "offsets");
   }
   a.G = G, a.F = F, a.nflush = K / F;
-  a.gmul = split ? 2 : 1;  // split: F = 64, group 32
+  a.gmul = split ? 2 : 1;  // split: F = ck, two groups
   a.gshift = 0;
   while ((F << a.gshift) < group_size) ++a.gshift;  // group_size / F is a power of two
   a.bias = nullptr;
@@ -258,16 +265,6 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 // ---------------------------------------------------------------- dequantize (prefill)
 
-namespace {
-
-// 16 fp32 weights -> out (bf16 or fp32) at element offset i.
-inline void store16(void* out, bool bf, int64_t i, __m512 v) {
-  if (bf) _mm256_storeu_si256((__m256i*)(static_cast<uint16_t*>(out) + i), (__m256i)_mm512_cvtneps_pbh(v));
-  else _mm512_storeu_ps(static_cast<float*>(out) + i, v);
-}
-
-}  // namespace
-
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
              int64_t group_size, int64_t bits, at::Tensor& out) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
@@ -292,28 +289,28 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::opt
   const void* s = scales.data_ptr();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     const __m256i nib = _mm256_set1_epi16(0x0f), hinib = _mm256_set1_epi16(0xf0);
+    alignas(32) uint8_t nat[32];  // int4: 32 weights as bytes in k order
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k = 0; k < K; k += 32) {  // 32 k share one group (group_size % 32 == 0)
         const int64_t gi = n * G + k / group_size;
-        const __m512 sv = _mm512_set1_ps(ld1(s, st, gi));
-        const __m512 ov = _mm512_set1_ps(off ? ld1(off, ot, gi) : 0.f);
-        __m128i b0, b1;  // 32 weights as bytes in k order
+        const vf sv = fset1(ld1(s, st, gi));
+        const vf ov = fset1(off ? ld1(off, ot, gi) : 0.f);
+        const uint8_t* b = q + n * rb + k;
         if (int4) {
           const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(q + n * rb + k / 2)));
           // word j = byte j -> low byte k = 2j (low nibble), high byte k = 2j + 1 (high nibble)
-          const __m256i nat = _mm256_or_si256(_mm256_and_si256(v, nib), _mm256_slli_epi16(_mm256_and_si256(v, hinib), 4));
-          b0 = _mm256_castsi256_si128(nat), b1 = _mm256_extracti128_si256(nat, 1);
-        } else {
-          b0 = _mm_loadu_si128((const __m128i*)(q + n * rb + k));
-          b1 = _mm_loadu_si128((const __m128i*)(q + n * rb + k + 16));
+          _mm256_store_si256((__m256i*)nat, _mm256_or_si256(_mm256_and_si256(v, nib), _mm256_slli_epi16(_mm256_and_si256(v, hinib), 4)));
+          b = nat;
         }
-        const __m512 f0 = int4 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b0)) : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
-        const __m512 f1 = int4 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b1)) : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
-        store16(o, bf, n * K + k, _mm512_fmadd_ps(f0, sv, ov));
-        store16(o, bf, n * K + k + 16, _mm512_fmadd_ps(f1, sv, ov));
+#pragma GCC unroll 4
+        for (int j = 0; j < 32; j += kL) {
+          const vf w = ffma(int4 ? fload_u8(b + j) : fload_s8(b + j), sv, ov);
+          if (bf) fstore_bf16(static_cast<uint16_t*>(o) + n * K + k + j, w);
+          else fstore(static_cast<float*>(o) + n * K + k + j, w);
+        }
       }
     }
   });
 }
 
-}  // namespace qwenkit_cpu
+}  // namespace QK_NS
