@@ -7,12 +7,10 @@ one `quant_plans` reads back.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -22,10 +20,10 @@ from ..model.config import QwenConfig
 from ..quant.scheme import QUANT_METHOD, QuantScheme
 from ..tokenizer.vocab import VOCAB_FILE_NAME, official_vocab_file
 from .gptq import gptq_config
-from .loading import load, parse_dtype, resolve_model_dir
+from .loading import DTYPE_NAMES, load, parse_dtype, resolve_model_dir
 from .synthetic import DEFAULT_SHARD_BYTES, GENERATION_CONFIG, TOKENIZER_CONFIG, plan_shards, prepare_dir
+from .weight_files import write_json
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 def save_quantized(
     model: nn.Module,
@@ -49,7 +47,7 @@ def save_quantized(
             f"this one has quantization_config {qc!r}"
         )
     state = _unique_state(model)
-    dtype_name = _DTYPE_NAMES[model.transformer.wte.weight.dtype]
+    dtype_name = DTYPE_NAMES[model.transformer.wte.weight.dtype]
     config = dataclasses.replace(
         model.config,
         bf16=dtype_name == "bfloat16",
@@ -58,11 +56,11 @@ def save_quantized(
         torch_dtype=dtype_name,
     )
     out = prepare_dir(Path(out_dir), overwrite)
-    _write_json(out / "config.json", config.to_dict())
-    _write_json(
+    write_json(out / "config.json", config.to_dict())
+    write_json(
         out / "generation_config.json", getattr(model, "generation_config", None) or GENERATION_CONFIG
     )
-    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
+    write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     vocab = Path(source_dir) / VOCAB_FILE_NAME if source_dir is not None else None
     shutil.copyfile(
         vocab if vocab is not None and vocab.is_file() else official_vocab_file(), out / VOCAB_FILE_NAME
@@ -97,11 +95,9 @@ def _write_shards(out: Path, state: dict[str, torch.Tensor], shard_bytes: int) -
         del tensors
     if n_shards > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(out / "model.safetensors.index.json", index)
+        write_json(out / "model.safetensors.index.json", index)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def quantize_checkpoint(

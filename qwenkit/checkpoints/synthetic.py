@@ -8,7 +8,6 @@ random values. Shapes come from the model built on the meta device; reading chec
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -18,10 +17,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..generation.sampling import OFFICIAL_GENERATION_CONFIG
 from ..model.config import preset as config_preset
 from ..model.transformer import QWenLMHeadModel
 from ..tokenizer.vocab import VOCAB_FILE_NAME, official_vocab_file
-from .loading import OFFICIAL_GENERATION_CONFIG, SAFETENSORS_FILE, SAFETENSORS_INDEX, parse_dtype
+from .loading import DTYPE_NAMES, SAFETENSORS_FILE, SAFETENSORS_INDEX, parse_dtype
+from .weight_files import write_json
 
 # The official 1.8B checkpoint ships as two shards of about 2 GB.
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -32,7 +33,6 @@ TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "QWenTokenizer",
     "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
 }
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPE_FLAGS = ("bf16", "fp16", "fp32", "torch_dtype")
 
 
@@ -59,7 +59,7 @@ def make_checkpoint(
     if clash:
         raise ValueError(f"overrides may not set {clash}: the stored dtype is chosen with dtype=")
     config = config_preset(preset, **overrides)
-    name = _DTYPE_NAMES[torch_dtype]
+    name = DTYPE_NAMES[torch_dtype]
     config = dataclasses.replace(
         config, bf16=name == "bfloat16", fp16=name == "float16", fp32=name == "float32", torch_dtype=name
     )
@@ -69,9 +69,9 @@ def make_checkpoint(
     n_shards = _shard_count(shards, sizes)
     out = prepare_dir(Path(out_dir), overwrite)
 
-    _write_json(out / "config.json", config.to_dict())
-    _write_json(out / "generation_config.json", GENERATION_CONFIG)
-    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
+    write_json(out / "config.json", config.to_dict())
+    write_json(out / "generation_config.json", GENERATION_CONFIG)
+    write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     shutil.copyfile(official_vocab_file(), out / VOCAB_FILE_NAME)
 
     generator = torch.Generator().manual_seed(seed)
@@ -87,7 +87,7 @@ def make_checkpoint(
         del tensors
     if n_shards > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(out / SAFETENSORS_INDEX, index)
+        write_json(out / SAFETENSORS_INDEX, index)
     return out
 
 
@@ -162,7 +162,3 @@ def prepare_dir(out: Path, overwrite: bool) -> Path:
             stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

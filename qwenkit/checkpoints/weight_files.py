@@ -241,6 +241,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A checkpoint JSON file as Hugging Face writes them: indented, UTF-8, non-ASCII kept, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
 
