@@ -154,6 +154,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
     p.add_argument("--log-prompts", action="store_true", help="log prompts (escaped); off by default")
+    p.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (API only)")
     p.set_defaults(handler=_serve)
 
 

@@ -31,6 +31,7 @@ from .engine import Engine
 from .errors import APIError, bad_request, error_body, read_request
 from .logs import LOG, AccessLog
 from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from .web import add_web_routes
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt that fits a 32k context
 
@@ -46,6 +47,7 @@ class ServerOptions:
     cors_origins: Sequence[str] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_prompts: bool = False
+    web: bool = True  # the chat page at / (web/); `--no-web` turns it off
 
 
 @dataclass
@@ -128,6 +130,8 @@ def create_app(
 
     auth = Depends(_auth_dependency(options.api_key))
     _add_routes(app, ready, auth)
+    if options.web:
+        add_web_routes(app, ready, auth)
     return app
 
 

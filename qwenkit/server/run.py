@@ -51,6 +51,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_queue=args.max_queue,
         cors_origins=tuple(args.cors_origin or ()),
         log_prompts=args.log_prompts,
+        web=not args.no_web,
     )
 
 
