@@ -19,6 +19,7 @@ from ..tokenizer.chat_format import stop_words_ids as chat_stop_words_ids
 from ..tokenizer.tokenization import QWenTokenizer
 from ..tokenizer.vocab import official_vocab_file
 from .generate import generate, generate_batch, stream
+from .prefix import PrefixCache
 from .protocol import CausalLM
 from .sampling import OFFICIAL_GENERATION_CONFIG, SamplingParams
 
@@ -78,6 +79,23 @@ def _sampling_params(
     return replace(params, stop_token_ids=(*params.stop_token_ids, *ids), stop=(*params.stop, *strings))
 
 
+def chat_prefix_cache(model: CausalLM, prefix_cache: PrefixCache | bool | None) -> PrefixCache | None:
+    """The prefix cache a chat turn uses: the given one; None/True -> the model's own (created on first use,
+    kept as `model.chat_prefix_cache`, so consecutive turns of a conversation reuse each other's keys); False
+    -> none (every turn prefills its whole prompt)."""
+    if isinstance(prefix_cache, PrefixCache):
+        return prefix_cache
+    if prefix_cache is False:
+        return None
+    if prefix_cache not in (None, True):
+        raise TypeError(f"prefix_cache must be a PrefixCache, True, False or None, got {prefix_cache!r}")
+    own = getattr(model, "chat_prefix_cache", None)
+    if own is None:
+        own = PrefixCache()
+        model.chat_prefix_cache = own  # type: ignore[attr-defined]
+    return own
+
+
 def chat(
     model: CausalLM,
     tokenizer: QWenTokenizer,
@@ -86,19 +104,22 @@ def chat(
     system: str = DEFAULT_SYSTEM,
     stop_words_ids: Sequence[Sequence[int]] | None = None,
     generation_config: Any = None,
+    *,
+    prefix_cache: PrefixCache | bool | None = None,
     **kwargs: Any,
 ) -> tuple[str, list[tuple[str, str]]]:
     """One chat turn: `(response, history + [(query, response)])`; the caller's history is not modified.
 
     kwargs override the generation config: do_sample, temperature, top_p, top_k, repetition_penalty,
     max_new_tokens, max_window_size, seed, stop. The response is stripped of surrounding whitespace, as the
-    official `model.chat` does.
+    official `model.chat` does. `prefix_cache`: see `chat_prefix_cache` (reuse is exact: same ids as without).
     """
     history = [tuple(turn) for turn in (history or [])]
     prompt, params = prepare_chat(
         model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
-    response = generate(model, tokenizer, prompt, params, errors="replace").text.strip()
+    prefix = chat_prefix_cache(model, prefix_cache)
+    response = generate(model, tokenizer, prompt, params, errors="replace", prefix=prefix).text.strip()
     return response, [*history, (query, response)]
 
 
@@ -110,15 +131,21 @@ def chat_stream(
     system: str = DEFAULT_SYSTEM,
     stop_words_ids: Sequence[Sequence[int]] | None = None,
     generation_config: Any = None,
+    *,
+    prefix_cache: PrefixCache | bool | None = None,
     **kwargs: Any,
 ) -> Iterator[str]:
     """Yield the cumulative response text as it grows (the official `chat_stream` contract), built from
-    UTF-8-safe deltas: no broken characters, no special tokens, no re-decoding of the whole reply."""
+    UTF-8-safe deltas: no broken characters, no special tokens, no re-decoding of the whole reply.
+    `prefix_cache`: see `chat_prefix_cache`."""
     prompt, params = prepare_chat(
         model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     text = ""
-    for chunk in stream(model, tokenizer, prompt, params, skip_special_tokens=True, errors="ignore"):
+    prefix = chat_prefix_cache(model, prefix_cache)
+    for chunk in stream(
+        model, tokenizer, prompt, params, skip_special_tokens=True, errors="ignore", prefix=prefix
+    ):
         if chunk.text:
             text += chunk.text
             yield text

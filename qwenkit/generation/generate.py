@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ..tokenizer.tokenization import QWenTokenizer, StreamDecoder
+from .prefix import PrefixCache
 from .protocol import CausalLM
 from .sampling import SamplingParams, build_seen_mask, make_generator, sample, update_seen_mask
 from .stopping import StopStringMatcher
@@ -57,7 +58,9 @@ class TokenGenerator:
 
     Rows finish on a stop token id, at `max_new_tokens`, at the context limit, or when the caller calls
     `finish(row)` (e.g. a stop string matched). Finished rows stay in the batch with their position frozen, so
-    their cache slots are rewritten harmlessly and the shapes stay fixed.
+    their cache slots are rewritten harmlessly and the shapes stay fixed. With a `prefix` cache (one prompt
+    only), the prompt's longest prefix already in it is not prefilled again, and what this generation writes is
+    recorded there for the next one; `close()` (called when done) hands the prefix cache back.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class TokenGenerator:
         *,
         valid_vocab_size: int,
         max_context: int = MAX_CONTEXT,
+        prefix: PrefixCache | None = None,
     ) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -88,8 +92,16 @@ class TokenGenerator:
         self.limits = [
             min(n + p.max_new_tokens, max_context) for n, p in zip(lengths, self.params, strict=True)
         ]
-        self.cache = model.new_cache(len(prompts), max(self.limits))
-        self.alpha = torch.tensor([model.ntk_alpha(n) for n in lengths], device=self.device)
+        alphas = [model.ntk_alpha(n) for n in lengths]
+        self.alpha = torch.tensor(alphas, device=self.device)
+        if prefix is not None and len(prompts) != 1:
+            raise ValueError(f"a prefix cache serves one prompt at a time, got {len(prompts)} prompts")
+        self.prefix = prefix if prefix is not None and prefix.acquire() else None  # busy: do without
+        self.reused = 0  # leading prompt positions taken from the prefix cache
+        if self.prefix is not None:
+            self.cache, self.reused = self.prefix.take(model, prompts[0], alphas[0], max(self.limits))
+        else:
+            self.cache = model.new_cache(len(prompts), max(self.limits))
         self.prompts = [list(p) for p in prompts]
         self.generators = [
             make_generator(p.seed, self.device) if p.seed is not None and not p.greedy else None
@@ -111,6 +123,14 @@ class TokenGenerator:
     def finish(self, row: int, reason: FinishReason = "stop") -> None:
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = reason
+        if self.done:
+            self.close()
+
+    def close(self) -> None:
+        """Hand the prefix cache back (its kept ids stay valid); safe to call twice."""
+        if self.prefix is not None:
+            self.prefix.release()
+            self.prefix = None
 
     @torch.inference_mode()
     def step(self) -> list[int | None]:
@@ -139,6 +159,8 @@ class TokenGenerator:
         if self.seen is not None:
             update_seen_mask(self.seen, tokens)
         self.last_tokens = tokens
+        if self.done:
+            self.close()
         return out
 
     def _prefill(self) -> torch.Tensor:
@@ -146,13 +168,15 @@ class TokenGenerator:
         ids = _right_pad(self.prompts, 0).to(self.device)
         last = torch.tensor(self.prompt_lengths, device=self.device) - 1  # [B] index of each row's last token
         logits = torch.empty((bsz, self.model.config.vocab_size), device=self.device)
-        for start in range(0, longest, PREFILL_CHUNK):
+        for start in range(self.reused, longest, PREFILL_CHUNK):
             chunk = ids[:, start : start + PREFILL_CHUNK]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device).expand(bsz, -1)
             index = (last - start).clamp(0, chunk.shape[1] - 1)
             out = self.model(chunk, positions, self.cache, self.alpha, output_index=index)  # [B, V]
             in_chunk = (last >= start) & (last < start + chunk.shape[1])
             logits[in_chunk] = out[in_chunk]
+        if self.prefix is not None:
+            self.prefix.record(self.prompts[0][self.reused :])
         return logits
 
     def _decode(self) -> torch.Tensor:
@@ -163,6 +187,8 @@ class TokenGenerator:
         positions = torch.tensor(feed, device=self.device)[:, None]
         logits = self.model(self.last_tokens[:, None], positions, self.cache, self.alpha)[:, 0]  # [B, V]
         self.next_pos = [pos + run for pos, run in zip(self.next_pos, running, strict=True)]
+        if self.prefix is not None:  # one row, running (a finished single row is never decoded)
+            self.prefix.record([int(self.last_tokens[0])])
         return logits
 
 
@@ -199,14 +225,23 @@ def stream(
     *,
     skip_special_tokens: bool = False,
     errors: str | None = None,
+    prefix: PrefixCache | None = None,
 ) -> Iterator[Chunk]:
     """Generate from one prompt as a stream of chunks; the last chunk carries the finish reason.
 
     Stop strings (`params.stop`) never appear: text that may still become one is held back until the match
-    fails. Stop token ids end generation and are not part of the output.
+    fails. Stop token ids end generation and are not part of the output. With a `prefix` cache, the prompt's
+    prefix already computed there is reused (see `PrefixCache`).
     """
-    gen = TokenGenerator(model, [prompt_ids], params, valid_vocab_size=len(tokenizer))
-    row = RowText(tokenizer, params.stop, skip_special_tokens, errors)
+    gen = TokenGenerator(model, [prompt_ids], params, valid_vocab_size=len(tokenizer), prefix=prefix)
+    try:
+        yield from _stream_rows(gen, RowText(tokenizer, params.stop, skip_special_tokens, errors))
+    finally:  # also when the consumer stops early or Ctrl-C lands mid-step
+        gen.close()
+
+
+def _stream_rows(gen: TokenGenerator, row: RowText) -> Iterator[Chunk]:
+    """The chunks of row 0 of `gen`: released text per token, the finish reason on the last chunk."""
     while not gen.done:
         token = gen.step()[0]
         if token is None:
@@ -228,7 +263,7 @@ def generate(
     tokenizer: QWenTokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
-    **kwargs: bool | str | None,
+    **kwargs: bool | str | PrefixCache | None,
 ) -> GenerationResult:
     """Generate from one prompt and return the whole result (text, ids, finish reason, timings)."""
     start = last = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +17,7 @@ from torch import nn
 from ..generation.chat import ChatMixin
 from ..kernels import linear_bf16
 from .config import QwenConfig
-from .kv_cache import KVCache
-
-if TYPE_CHECKING:
-    pass
+from .kv_cache import KVCache, parse_kv_cache_dtype
 
 
 def ntk_alpha_for_length(length: int, seq_length: int) -> float:
@@ -148,7 +144,8 @@ class Attention(nn.Module):
         else:
             # Keys come from the cache: [B, H, length, D]; the mask keeps each query to indices 0..p of its row.
             k, v = step.cache.update(self.layer, step.positions, k, v, length=step.length)
-            # Attention runs in the cache's dtype (fp32 on CPU, see new_cache), then back to the model's.
+            # Attention runs in the cache's dtype (fp32 on CPU, see new_cache; fp32 over a dequantized int8
+            # cache), then back to the model's.
             out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.mask).to(q.dtype)
         return self.c_proj(out.transpose(1, 2).reshape(bsz, steps, hidden))
 
@@ -218,6 +215,12 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # What `new_cache` allocates when not told: None -> fp32 on CPU, the model's dtype on GPU; int8 quantized.
+        self.kv_cache_dtype: torch.dtype | None = None
+
+    def set_kv_cache_dtype(self, dtype: str | torch.dtype | None) -> None:
+        """Set the default cache kind of later generations: "int8", "fp32", "bf16", "fp16" or None."""
+        self.kv_cache_dtype = parse_kv_cache_dtype(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -242,10 +245,12 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """A fresh `KVCache`; device defaults to the model's. dtype defaults to the model's on GPU and to fp32 on
-        CPU: PyTorch's CPU attention is 4-5x slower in bf16 than in fp32 for decode (0.70 vs 0.15 ms per layer at
-        257 keys, 1 thread), and fp32 holds the bf16 keys/values exactly, so only memory changes (2x the cache)."""
+        """A fresh `KVCache`; device defaults to the model's. dtype defaults to `kv_cache_dtype`, else the model's
+        on GPU and fp32 on CPU: PyTorch's CPU attention is 4-5x slower in bf16 than in fp32 for decode (0.70 vs
+        0.15 ms per layer at 257 keys, 1 thread), and fp32 holds the bf16 keys/values exactly, so only memory
+        changes (2x the cache). `torch.int8` quantizes keys and values per token and head (see kv_cache)."""
         device = torch.device(device or self.device)
+        dtype = parse_kv_cache_dtype(dtype) or self.kv_cache_dtype
         dtype = dtype or (torch.float32 if device.type == "cpu" else self.dtype)
         c = self.config
         return KVCache(
