@@ -1,8 +1,10 @@
 """Linear kernels: int4 packing, the reference contract, and the fast CPU paths against fp32 math.
 
-The fast-path tests run when the C++ extension builds here (skipped otherwise; set QWENKIT_REQUIRE_EXT=1 to make
-that a failure). Tolerances are relative Frobenius errors against fp32 math on the same dequantized weights:
-the fast GEMV quantizes activations to 15 bits (~1e-4), and bf16 outputs round to ~4e-3.
+The fast-path tests run once per kernel set this CPU can execute (an AVX-512 machine also runs the avx2 set),
+when the C++ extension builds here (skipped otherwise; set QWENKIT_REQUIRE_EXT=1 to make that a failure).
+Tolerances are relative Frobenius errors against fp32 math on the same dequantized weights: the fast GEMV
+quantizes activations to 15 bits (~1e-4), and bf16 outputs round to ~4e-3. The paths without the extension
+(PyTorch's weight-only kernels) are held to the same tolerances. Dispatch: tests/test_kernel_dispatch.py.
 """
 
 from __future__ import annotations
@@ -14,17 +16,34 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit import kernels
-from qwenkit.kernels import cpu
+from qwenkit.kernels import builtin, cpu, isa
 
+RUNNABLE = isa.runnable_sets(isa.cpu_flags())
 FAST = cpu.available()
+BUILT = [name for name in RUNNABLE if FAST and cpu.ops_for(name) is not None]
 needs_fast = pytest.mark.skipif(
     not FAST, reason="qwenkit C++ CPU kernels not built here (or QWENKIT_DISABLE_EXT set)"
 )
 
 
+@pytest.fixture(params=BUILT or ["none"])
+def kset(request, monkeypatch):
+    """Run the test with each kernel set built for this CPU (QWENKIT_ISA)."""
+    monkeypatch.setenv(isa.ISA_ENV, request.param)
+    assert cpu.kernel_set() == (None if request.param == "none" else request.param)
+    return request.param
+
+
 def test_extension_required_when_asked():
-    if os.environ.get("QWENKIT_REQUIRE_EXT", "") not in ("", "0"):
-        assert FAST, "QWENKIT_REQUIRE_EXT is set but the extension did not build (see logging at INFO level)"
+    """QWENKIT_REQUIRE_EXT=1 (CI): every kernel set this CPU runs builds, and the best one is the one in use."""
+    if os.environ.get(cpu.REQUIRE_ENV, "") in ("", "0"):
+        pytest.skip("QWENKIT_REQUIRE_EXT not set")
+    if not RUNNABLE:
+        pytest.skip(f"no kernel set for this CPU ({isa.describe(isa.cpu_flags(), None)})")
+    assert FAST, "QWENKIT_REQUIRE_EXT is set but the extension did not build (see logging at INFO level)"
+    assert BUILT == RUNNABLE
+    override = os.environ.get(isa.ISA_ENV, "").strip().lower()
+    assert cpu.kernel_set() == (override or RUNNABLE[0])
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,6 +119,73 @@ def test_disabled_extension_uses_reference(monkeypatch, bits):
     assert torch.equal(kernels.linear_bf16(x, w), F.linear(x, w.float()))
 
 
+# ---------------------------------------------------------------- without the extension (PyTorch's kernels)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_builtin_int8_decode(monkeypatch, xdtype):
+    """Per-channel int8 runs torch's _weight_int8pack_mm on the stored weight, never a whole dequantize."""
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    qweight, q, scales, _ = _case(8, 40, 256, 256, offsets=False)
+    x, bias = torch.randn(3, 256).to(xdtype), torch.randn(40)
+    assert builtin.linear_int8(x, qweight, scales, None, 256, bias) is not None
+    expected = _expected(x, q, scales, None, 256, bias)
+    monkeypatch.setattr(kernels, "dequantize", None)  # the decode path must not dequantize
+    y = kernels.linear_int8(x, qweight, scales, None, 256, bias)
+    assert y.dtype == xdtype
+    assert _rel(y, expected) < (1e-3 if xdtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("g", [32, 128, 256])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_builtin_int4_decode(monkeypatch, g, xdtype):
+    """int4 runs torch's _weight_int4pack_mm_for_cpu on a copy converted once into `prepared`."""
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    prepared: dict = {}
+    for offsets in (True, False):
+        qweight, q, scales, offs = _case(4, 48, 512, g, offsets, seed=g)
+        x, bias = torch.randn(2, 1, 512).to(xdtype), torch.randn(48)
+        y = kernels.linear_int4(x, qweight, scales, offs, g, bias, prepared=prepared)
+        assert y.shape == (2, 1, 48) and y.dtype == xdtype
+        assert _rel(y, _expected(x, q, scales, offs, g, bias)) < (1e-3 if xdtype == torch.float32 else 1e-2)
+        packed = prepared["int4pack"][0]
+        kernels.linear_int4(x, qweight, scales, offs, g, bias, prepared=prepared)
+        assert prepared["int4pack"][0] is packed  # converted once, reused while the tensors stay the same
+
+
+def test_builtin_paths_not_for_other_formats(monkeypatch):
+    """Grouped int8, int4 with N % 16 != 0 or without a `prepared` dict: dequantize once per call instead."""
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    qweight, q, scales, offs = _case(8, 40, 256, 64, offsets=True)
+    x = torch.randn(1, 256)
+    assert builtin.linear_int8(x, qweight, scales, offs, 64, None) is None
+    qweight, q, scales, offs = _case(4, 37, 256, 64, offsets=True)
+    assert builtin.linear_int4(x, qweight, scales, offs, 64, None, {}) is None
+    assert (
+        _rel(kernels.linear_int4(x, qweight, scales, offs, 64), _expected(x, q, scales, offs, 64, None))
+        < 1e-5
+    )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_without_extension_multiplies_in_gemm_dtype(monkeypatch, bits):
+    """Many rows: the weight is dequantized once (in fp32 where the bf16 GEMM is emulated) and multiplied."""
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    qweight, q, scales, offs = _case(bits, 48, 256, 64, offsets=True)
+    x = torch.randn(40, 256).bfloat16()
+    y = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, qweight, scales, offs, 64, prepared={})
+    assert y.dtype == torch.bfloat16 and _rel(y, _expected(x, q, scales, offs, 64, None)) < 1e-2
+
+
+def test_bf16_prefill_in_fp32_tiles(monkeypatch):
+    """bf16 x with many rows on a CPU without a native bf16 GEMM: fp32 tiles of the weight (several here)."""
+    monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 512)
+    w, bias, x = torch.randn(50, 512).bfloat16(), torch.randn(50).bfloat16(), torch.randn(40, 512).bfloat16()
+    y = kernels.linear_bf16(x, w, bias)
+    assert y.shape == (40, 50) and y.dtype == torch.bfloat16
+    assert _rel(y, F.linear(x.double(), w.double(), bias.double())) < 1e-2
+
+
 # ---------------------------------------------------------------- fast paths
 
 
@@ -108,7 +194,7 @@ def test_disabled_extension_uses_reference(monkeypatch, bits):
 @pytest.mark.parametrize("m", [1, 3, 12, 40])  # 12: two passes of 6 rows; 40: dequantize path
 @pytest.mark.parametrize("g", [32, 64, 128, 512])  # 512 = K: one scale per output row
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_fast_quant_linear(bits, m, g, xdtype):
+def test_fast_quant_linear(kset, bits, m, g, xdtype):
     k, n = 512, 37  # n: not a multiple of any vector width
     for offsets, with_bias in ((False, False), (True, True)):
         qweight, q, scales, offs = _case(bits, n, k, g, offsets, seed=m + g)
@@ -124,7 +210,7 @@ def test_fast_quant_linear(bits, m, g, xdtype):
 @needs_fast
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16])
-def test_fast_quant_scale_dtypes(bits, sdtype):
+def test_fast_quant_scale_dtypes(kset, bits, sdtype):
     qweight, q, scales, offs = _case(bits, 40, 256, 128, offsets=True, sdtype=sdtype)
     x, bias = torch.randn(2, 256), torch.randn(40).to(sdtype)
     fn = kernels.linear_int8 if bits == 8 else kernels.linear_int4
@@ -133,7 +219,7 @@ def test_fast_quant_scale_dtypes(bits, sdtype):
 
 @needs_fast
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_quant_large_groups_and_outliers(bits):
+def test_fast_quant_large_groups_and_outliers(kset, bits):
     """Per-channel scales over K = 8192 (accumulation split into blocks), activations with outlier channels."""
     k = 8192
     qweight, q, scales, offs = _case(bits, 20, k, k, offsets=True)
@@ -145,7 +231,7 @@ def test_fast_quant_large_groups_and_outliers(bits):
 
 @needs_fast
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_quant_other_shapes(bits):
+def test_fast_quant_other_shapes(kset, bits):
     """Shapes off the GEMV's grid still give the right answer: int4 K = 96 (not a multiple of the 64-k chunk:
     dequantize path), group 16 (not a multiple of 32: reference)."""
     for k, g in ((96, 32), (80, 16)):
@@ -157,7 +243,7 @@ def test_fast_quant_other_shapes(bits):
 
 @needs_fast
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_quant_nan_and_empty_rows(bits):
+def test_fast_quant_nan_and_empty_rows(kset, bits):
     qweight, q, scales, offs = _case(bits, 12, 128, 64, offsets=False)
     fn = kernels.linear_int8 if bits == 8 else kernels.linear_int4
     x = torch.randn(2, 128)
@@ -168,7 +254,19 @@ def test_fast_quant_nan_and_empty_rows(bits):
 
 
 @needs_fast
-def test_fast_quant_skipped_under_autograd():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_quant_prefill_tiles(kset, monkeypatch, bits):
+    """The fused dequantize + GEMM over several weight tiles (in cpu.gemm_dtype, output in x.dtype)."""
+    monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 256)
+    qweight, q, scales, offs = _case(bits, 50, 256, 64, offsets=True)
+    for xdtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x, bias = torch.randn(40, 256).to(xdtype), torch.randn(50)
+        y = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, qweight, scales, offs, 64, bias)
+        assert y.dtype == xdtype and _rel(y, _expected(x, q, scales, offs, 64, bias)) < tol
+
+
+@needs_fast
+def test_fast_quant_skipped_under_autograd(kset):
     qweight, q, scales, offs = _case(8, 12, 128, 64, offsets=False)
     x = torch.randn(1, 128, requires_grad=True)
     y = kernels.linear_int8(x, qweight, scales, offs, 64)
@@ -183,7 +281,7 @@ def test_fast_quant_skipped_under_autograd():
     "xdtype, wdtype",
     [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)],
 )
-def test_fast_float_linear(m, k, xdtype, wdtype):
+def test_fast_float_linear(kset, m, k, xdtype, wdtype):
     w = torch.randn(37, k).to(wdtype)
     bias = torch.randn(37)
     x = torch.randn(m, k).to(xdtype)
@@ -196,7 +294,7 @@ def test_fast_float_linear(m, k, xdtype, wdtype):
 
 
 @needs_fast
-def test_fast_paths_are_used():
+def test_fast_paths_are_used(kset):
     """The dispatch really takes the extension for decode shapes (results differ from the reference's bits)."""
     qweight, q, scales, offs = _case(8, 16, 256, 64, offsets=False)
     x = torch.randn(1, 256)

@@ -5,9 +5,12 @@ Storage contract (what quantized modules keep and checkpoints save):
   per byte); `scales` `[N, K // group_size]` and optional `offsets` of the same shape (float), meaning
   `w[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]` (offsets None -> 0).
 `linear_int8`, `linear_int4` and `linear_bf16` take the fast CPU path of `qwenkit.kernels.cpu` when it applies
-(extension built, CPU tensors, bf16/fp32 activations, supported shapes, no autograd) and otherwise run the
-pure-PyTorch reference below (`reference_linear_int8` / `reference_linear_int4`, also used by the tests).
-Set QWENKIT_DISABLE_EXT=1 to always run the reference.
+(a kernel set built for this CPU, CPU tensors, bf16/fp32 activations, supported shapes, no autograd). Otherwise
+the quantized ones run PyTorch's weight-only kernels at decode (`qwenkit.kernels.builtin`) and, for prefill or
+formats those lack, dequantize the weight once per call and multiply in `cpu.gemm_dtype` (fp32 on CPUs whose
+bf16 GEMM PyTorch emulates); `linear_bf16` multiplies large inputs in fp32 tiles there too. The pure-PyTorch
+references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests hold every path to.
+Set QWENKIT_DISABLE_EXT=1 (or QWENKIT_ISA=none) to run without the C++ kernels.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import builtin as _builtin
 from . import cpu as _cpu
 
 
@@ -75,10 +79,16 @@ def linear_int8(
     offsets: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None = None,
+    prepared: dict | None = None,
 ) -> torch.Tensor:
-    """`x @ dequantize(int8 weight).T + bias` in `x.dtype`; x `[..., K]` -> `[..., N]`."""
+    """`x @ dequantize(int8 weight).T + bias` in `x.dtype`; x `[..., K]` -> `[..., N]`. (`prepared`: as for
+    `linear_int4`; the int8 paths need no conversion.)"""
     y = _cpu.linear_quant(x, qweight, scales, offsets, group_size, bias, bits=8)
-    return reference_linear_int8(x, qweight, scales, offsets, group_size, bias) if y is None else y
+    if y is None:
+        y = _builtin.linear_int8(x, qweight, scales, offsets, group_size, bias)
+    if y is None:
+        y = _dequant_linear(x, qweight, scales, offsets, group_size, bias, bits=8)
+    return y
 
 
 def linear_int4(
@@ -88,17 +98,64 @@ def linear_int4(
     offsets: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None = None,
+    prepared: dict | None = None,
 ) -> torch.Tensor:
-    """`x @ dequantize(int4 weight).T + bias` in `x.dtype`; `qweight` from `pack_int4`."""
+    """`x @ dequantize(int4 weight).T + bias` in `x.dtype`; `qweight` from `pack_int4`. `prepared`: a dict the
+    caller keeps with the weight (the quantized modules do), where the path without C++ kernels stores its
+    one-time conversion of the weight; without it that path dequantizes per call."""
     y = _cpu.linear_quant(x, qweight, scales, offsets, group_size, bias, bits=4)
-    return reference_linear_int4(x, qweight, scales, offsets, group_size, bias) if y is None else y
+    if y is None:
+        y = _builtin.linear_int4(x, qweight, scales, offsets, group_size, bias, prepared)
+    if y is None:
+        y = _dequant_linear(x, unpack_int4(qweight), scales, offsets, group_size, bias, bits=4)
+    return y
+
+
+def _dequant_linear(
+    x: torch.Tensor, w_int: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
+    bias: torch.Tensor | None, bits: int,
+) -> torch.Tensor:  # fmt: skip
+    """Dequantize the whole weight (int8, or unpacked int4 `[N, K]`) once and multiply in `gemm_dtype(x.dtype)`;
+    the result in x.dtype. Prefill without the C++ kernels, and formats without a built-in kernel."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type == "cpu":
+        why = (
+            f"{rows} rows"
+            if rows > _cpu.GEMV_MAX_ROWS
+            else "no C++ kernels or built-in kernel for this format"
+        )
+        _builtin.log_path(bits, "dequantize once per call + F.linear", why)
+    dtype = _cpu.gemm_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+    w = dequantize(w_int, scales, offsets, group_size, dtype)
+    return F.linear(x.to(dtype), w, _cast(bias, dtype)).to(x.dtype)
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): a fast GEMV for few rows of x on CPU with
-    a bf16 weight, or an fp32 weight and fp32 x; F.linear otherwise."""
+    a bf16 weight, or an fp32 weight and fp32 x; for many rows of bf16 on a CPU without a native bf16 GEMM, fp32
+    tiles of the weight (PyTorch's emulated bf16 GEMM is ~10x slower); F.linear otherwise."""
     y = _cpu.linear_bf16(x, weight, bias)
-    return F.linear(x, weight.to(x.dtype), _cast(bias, x.dtype)) if y is None else y
+    if y is not None:
+        return y
+    if x.device.type == "cpu" and weight.dtype == x.dtype and x.numel() > _cpu.BF16_GEMV_MAX_ELEMENTS:
+        dtype = _cpu.gemm_dtype(x.dtype)
+        if dtype != x.dtype:
+            return _tiled_linear(x, weight, bias, dtype)
+    return F.linear(x, weight.to(x.dtype), _cast(bias, x.dtype))
+
+
+def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> torch.Tensor:
+    """F.linear in `dtype` over row tiles of the weight converted one at a time (bounded extra memory)."""
+    n, k = weight.shape
+    rows = max(16, _cpu.PREFILL_TILE_ELEMENTS // k // 16 * 16)
+    xg = x.to(dtype)
+    outs = [
+        F.linear(
+            xg, weight[n0 : n0 + rows].to(dtype), None if bias is None else bias[n0 : n0 + rows].to(dtype)
+        )
+        for n0 in range(0, n, rows)
+    ]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(x.dtype)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ from . import isa
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "QWENKIT_DISABLE_EXT"  # "1": never use the extension (the PyTorch paths run everywhere)
-REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (an error instead of the fallback)
+REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (else an error)
 # Where the GEMV kernels stop beating the alternatives (measured at 5504x2048 and 2048x5504, 2 threads):
 # int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
@@ -85,7 +85,10 @@ def kernel_set() -> str | None:
 def _resolve(override: str | None, flags: frozenset[str]) -> str | None:
     chosen = isa.choose_kernel_set(flags, override)
     if chosen is None:
-        logger.info("qwenkit: CPU kernels: PyTorch paths (%s)", "QWENKIT_ISA=none" if override else _no_set_reason(flags))
+        logger.info(
+            "qwenkit: CPU kernels: PyTorch paths (%s)",
+            "QWENKIT_ISA=none" if override else _no_set_reason(flags),
+        )
         return None
     for name in [chosen] if override else isa.runnable_sets(flags):
         if ops_for(name) is not None:
@@ -108,7 +111,9 @@ def ops_for(name: str):
     does not build here (RuntimeError instead with QWENKIT_REQUIRE_EXT=1). ValueError for a set this CPU cannot
     run: even loading one is not safe (the AVX-512 library's static initializers use AVX-512: SIGILL)."""
     if name not in isa.runnable_sets(isa.cpu_flags()):
-        raise ValueError(f"kernel set {name!r} cannot run on this CPU ({isa.describe(isa.cpu_flags(), None)})")
+        raise ValueError(
+            f"kernel set {name!r} cannot run on this CPU ({isa.describe(isa.cpu_flags(), None)})"
+        )
     kset = isa.BY_NAME[name]
     try:
         from torch.utils import cpp_extension
@@ -123,7 +128,9 @@ def ops_for(name: str):
         )
     except Exception as exc:  # no compiler or ninja, build error: the PyTorch paths still work
         if _flag(REQUIRE_ENV):
-            raise RuntimeError(f"{REQUIRE_ENV} is set but the {name} CPU kernels did not build: {exc}") from exc
+            raise RuntimeError(
+                f"{REQUIRE_ENV} is set but the {name} CPU kernels did not build: {exc}"
+            ) from exc
         logger.info("qwenkit: %s CPU kernels unavailable (%s)", name, exc)
         return None
     return getattr(torch.ops, f"qwenkit_{name}")

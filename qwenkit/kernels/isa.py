@@ -87,7 +87,9 @@ def runnable_sets(flags: frozenset[str], machine: str | None = None) -> list[str
     return [s.name for s in KERNEL_SETS if not missing_flags(s.name, flags)]
 
 
-def choose_kernel_set(flags: frozenset[str], override: str | None = None, machine: str | None = None) -> str | None:
+def choose_kernel_set(
+    flags: frozenset[str], override: str | None = None, machine: str | None = None
+) -> str | None:
     """The kernel set to use: `override` (a QWENKIT_ISA value) if given, else the best runnable one; None means
     the PyTorch paths. ValueError for an unknown name or a set this CPU cannot execute."""
     runnable = runnable_sets(flags, machine)
@@ -97,10 +99,14 @@ def choose_kernel_set(flags: frozenset[str], override: str | None = None, machin
     if name == "none":
         return None
     if name not in BY_NAME:
-        raise ValueError(f"{ISA_ENV}={override!r} is not a kernel set; use one of {', '.join(BY_NAME)} or none")
+        raise ValueError(
+            f"{ISA_ENV}={override!r} is not a kernel set; use one of {', '.join(BY_NAME)} or none"
+        )
     if name not in runnable:
         why = (
-            f"lacks {', '.join(missing_flags(name, flags))}" if is_x86(machine) else f"is {machine or platform.machine()}"
+            f"lacks {', '.join(missing_flags(name, flags))}"
+            if is_x86(machine)
+            else f"is {machine or platform.machine()}"
         )
         choices = ", ".join([*runnable, "none"])
         raise ValueError(f"{ISA_ENV}={name}: this CPU {why}; it can run {choices}")

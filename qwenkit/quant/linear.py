@@ -69,6 +69,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer(
             "perm", torch.empty(in_features, dtype=torch.int64, device=device) if perm else None
         )
+        # Where the kernels without the C++ extension keep their one-time conversion of this weight (not state).
+        self._prepared: dict = {}
 
     # ---- subclass hooks ------------------------------------------------------------------------------------
     def qweight_shape(self) -> tuple[int, int]:
@@ -141,7 +143,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)  # [..., K] in stored column order
-        return self._kernel()(x, self.qweight, self.scales, self.offsets, self.group_size, self.bias)
+        return self._kernel()(
+            x, self.qweight, self.scales, self.offsets, self.group_size, self.bias, prepared=self._prepared
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight `[N, K]` this module multiplies by, in the original input order (as `nn.Linear`)."""

@@ -1,0 +1,170 @@
+"""Kernel-set dispatch with faked CPU flags (so the AVX-512 and AMX machines' choices are tested on any machine),
+QWENKIT_ISA / QWENKIT_REQUIRE_EXT / QWENKIT_DISABLE_EXT, and a compile check of the sets this CPU cannot run.
+
+Running each set's kernels against the reference is tests/test_kernels.py's job (every set the CPU executes).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+from qwenkit.kernels import cpu, isa
+
+V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "sse4_2"}
+ZEN2 = frozenset(V3)  # AMD EPYC Zen 2/3: AVX2 only
+ZEN5 = frozenset(V3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"})
+SPR = ZEN5 | {"amx_bf16", "amx_int8", "amx_tile", "avx_vnni"}  # Sapphire Rapids
+SKYLAKE_X = frozenset(V3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # AVX-512 without VNNI/BF16
+OLD = frozenset({"avx", "sse4_2"})  # Sandy Bridge: no AVX2
+
+
+@pytest.mark.parametrize(
+    "flags, best",
+    [
+        (SPR, "avx512"),
+        (ZEN5, "avx512"),
+        (ZEN2, "avx2"),
+        (SKYLAKE_X, "avx2"),
+        (OLD, None),
+        (frozenset(), None),
+    ],
+)
+def test_best_set_from_flags(flags, best):
+    assert isa.choose_kernel_set(flags, machine="x86_64") == best
+    assert isa.runnable_sets(flags, "x86_64")[:1] == ([best] if best else [])
+
+
+def test_avx512_machine_also_runs_avx2():
+    assert isa.runnable_sets(SPR, "x86_64") == ["avx512", "avx2"]
+
+
+def test_other_architectures_have_no_set():
+    assert isa.runnable_sets(SPR, "aarch64") == []
+    assert isa.choose_kernel_set(SPR, machine="aarch64") is None
+    with pytest.raises(ValueError, match="aarch64"):
+        isa.choose_kernel_set(SPR, "avx2", machine="aarch64")
+
+
+def test_override_lower_set_and_none():
+    assert isa.choose_kernel_set(SPR, "avx2", machine="x86_64") == "avx2"
+    assert isa.choose_kernel_set(SPR, " AVX512 ", machine="x86_64") == "avx512"
+    assert isa.choose_kernel_set(SPR, "none", machine="x86_64") is None
+
+
+def test_override_the_cpu_cannot_run_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"QWENKIT_ISA=avx512: this CPU lacks avx512f.*avx512_bf16; it can run avx2, none"
+    ):
+        isa.choose_kernel_set(ZEN2, "avx512", machine="x86_64")
+    with pytest.raises(ValueError, match="lacks avx512_vnni, avx512_bf16"):
+        isa.choose_kernel_set(SKYLAKE_X, "avx512", machine="x86_64")
+    with pytest.raises(ValueError, match="not a kernel set; use one of avx512, avx2 or none"):
+        isa.choose_kernel_set(ZEN5, "sse2", machine="x86_64")
+
+
+def test_native_bf16_gemm_flags():
+    assert isa.native_bf16_gemm(SPR) and isa.native_bf16_gemm(ZEN5)
+    assert not isa.native_bf16_gemm(ZEN2) and not isa.native_bf16_gemm(SKYLAKE_X)
+
+
+def test_describe_names_cpu_flags_and_set():
+    line = isa.describe(ZEN5, "avx512")
+    assert "avx2" in line and "avx512_bf16" in line and "amx" not in line and line.endswith("kernels: avx512")
+    assert isa.describe(OLD, None).endswith("kernels: PyTorch")
+
+
+# ---------------------------------------------------------------- cpu.kernel_set with faked flags and builds
+
+
+@pytest.fixture
+def fake_builds(monkeypatch):
+    """cpu.ops_for replaced: `builds` names the sets whose build succeeds; nothing is compiled or loaded."""
+    builds: set[str] = set()
+    monkeypatch.setattr(cpu, "ops_for", lambda name: object() if name in builds else None)
+    monkeypatch.setattr(isa, "is_x86", lambda machine=None: True)
+    return builds
+
+
+def _resolve(override, flags):
+    return cpu._resolve.__wrapped__(override, flags)  # uncached
+
+
+def test_kernel_set_takes_best_that_builds(fake_builds):
+    fake_builds.update({"avx512", "avx2"})
+    assert _resolve(None, SPR) == "avx512"
+    assert _resolve(None, ZEN2) == "avx2"
+    fake_builds.discard("avx512")  # e.g. a compiler without -mavx512bf16
+    assert _resolve(None, ZEN5) == "avx2"
+    fake_builds.clear()
+    assert _resolve(None, ZEN5) is None
+
+
+def test_explicit_set_does_not_fall_back(fake_builds):
+    fake_builds.add("avx2")
+    assert _resolve("avx512", SPR) is None  # asked for avx512, it did not build: no silent avx2
+    assert _resolve("avx2", SPR) == "avx2"
+    with pytest.raises(ValueError, match="lacks"):
+        _resolve("avx512", ZEN2)
+
+
+def test_env_controls(monkeypatch):
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    assert cpu.kernel_set() is None and not cpu.available()
+    monkeypatch.setenv(cpu.DISABLE_ENV, "0")
+    monkeypatch.setenv(isa.ISA_ENV, "none")
+    assert cpu.kernel_set() is None
+    if "avx512" not in isa.runnable_sets(isa.cpu_flags()):
+        monkeypatch.setenv(isa.ISA_ENV, "avx512")
+        with pytest.raises(ValueError, match="QWENKIT_ISA=avx512"):
+            cpu.kernel_set()
+
+
+def test_unrunnable_set_is_never_loaded():
+    """Loading a set the CPU cannot execute would crash the process (SIGILL in its static initializers)."""
+    for name in isa.BY_NAME:
+        if name not in isa.runnable_sets(isa.cpu_flags()):
+            with pytest.raises(ValueError, match="cannot run on this CPU"):
+                cpu.ops_for(name)
+
+
+def test_require_ext_raises_on_build_failure(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu.REQUIRE_ENV, "1")
+    if not isa.runnable_sets(isa.cpu_flags()):
+        pytest.skip("no kernel set for this CPU")
+    name = isa.runnable_sets(isa.cpu_flags())[0]
+    monkeypatch.setattr(cpu, "_SOURCES", [tmp_path / "missing.cpp"])
+    monkeypatch.setattr(cpu, "_source_digest", lambda name: "missing")  # its own build dir, not the real one
+    with pytest.raises(
+        RuntimeError, match=f"QWENKIT_REQUIRE_EXT is set but the {name} CPU kernels did not build"
+    ):
+        cpu.ops_for.__wrapped__(name)
+
+
+def test_gemm_dtype():
+    native = isa.native_bf16_gemm(isa.cpu_flags())
+    assert cpu.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert cpu.gemm_dtype(torch.float32) == torch.float32
+
+
+# ---------------------------------------------------------------- every set compiles, also those this CPU cannot run
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or not isa.is_x86(), reason="needs an x86-64 C++ compiler")
+@pytest.mark.parametrize("name", [n for n in isa.BY_NAME if n not in isa.runnable_sets(isa.cpu_flags())])
+def test_other_kernel_sets_compile(name, tmp_path):
+    """The sets this machine cannot execute still compile (the others are built and run by test_kernels.py).
+    The kernel sources only: ops.cpp holds no instruction-set code and takes the longest to compile."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    for src in [p for p in cpu._SOURCES if p.name != "ops.cpp"]:
+        cmd = ["c++", "-std=c++17", "-c", "-fPIC", "-O0", abi, *cpu._CFLAGS, *isa.BY_NAME[name].cflags, *includes,
+               str(src), "-o", str(tmp_path / (src.stem + ".o"))]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
