@@ -38,6 +38,15 @@ class Backend(Protocol):
         """Feed token i at positions[i] of row i for rows 0..B-1; return fp32 logits `[B, V]`."""
         ...
 
+    # Only with a prefix store (server/prefix_cache.py):
+    def read_kv(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Copies of the keys/values at positions start..stop-1 of `slot` (every layer)."""
+        ...
+
+    def write_kv(self, slot: int, start: int, data: tuple[torch.Tensor, ...]) -> None:
+        """Put keys/values from `read_kv` at positions start.. of `slot`."""
+        ...
+
 
 class ModelBackend:
     """A `QWenLMHeadModel` with a `KVCache` of `max_slots` rows x `max_len` positions (allocated once)."""
@@ -71,3 +80,9 @@ class ModelBackend:
         pos = torch.tensor(list(positions), device=self.device)[:, None]  # [B, 1]
         alpha = torch.tensor(list(alphas), device=self.device)
         return self.model(input_ids, pos, self.cache, alpha)[:, 0]  # [B, V]
+
+    def read_kv(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        return self.cache.read(slot, start, stop)
+
+    def write_kv(self, slot: int, start: int, data: tuple[torch.Tensor, ...]) -> None:
+        self.cache.write(slot, start, data)

@@ -5,8 +5,10 @@ free, is prefilled into its slot one chunk per iteration (interleaved with decod
 flowing while a long prompt is read), then joins one batched decode step per iteration over rows
 0..highest busy slot; other rows get a dummy token at a harmless position. Every sequence has its own sampling
 params, generator, seen-mask row, UTF-8-safe decoder and stop-string matcher. Events reach the asyncio side
-through `loop.call_soon_threadsafe`; cancellation flags are read every iteration. The engine knows nothing of
-HTTP, prompts or tools.
+through `loop.call_soon_threadsafe`; cancellation flags are read every iteration. With a `PrefixStore`, a
+prompt's leading blocks already computed (by any request) are copied into the slot instead of prefilled, and
+every computed prompt (and, at the end, prompt + answer) is offered back to the store. The engine knows nothing
+of HTTP, prompts or tools.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..generation.generate import PREFILL_CHUNK, RowText
 from ..generation.sampling import SamplingParams, make_generator, sample
 from ..tokenizer.tokenization import QWenTokenizer
 from .backend import Backend
+from .prefix_cache import PrefixStore
 
 LOG = logging.getLogger("qwenkit.server")
 
@@ -96,6 +99,8 @@ class _Sequence:
     last_token: int = -1  # sampled, not yet fed; written at position next_pos
     next_pos: int = 0
     generated: int = 0
+    reused: int = 0  # prompt tokens copied from the prefix store instead of prefilled
+    fed: list[int] | None = None  # generated tokens fed back (their keys follow the prompt's in the slot)
 
     @property
     def decoding(self) -> bool:
@@ -105,10 +110,19 @@ class _Sequence:
 class Engine:
     """The batching engine over a `Backend`; `start()` the worker, `submit()` from the event loop."""
 
-    def __init__(self, backend: Backend, tokenizer: QWenTokenizer, *, max_queue: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: QWenTokenizer,
+        *,
+        max_queue: int,
+        prefix_store: PrefixStore | None = None,
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.backend = backend
+        # Shared prefix cache; the backend must then offer read_kv/write_kv (ModelBackend does).
+        self.prefix_store = prefix_store
         self.tokenizer = tokenizer
         self.max_slots = backend.max_slots
         self.max_queue = max_queue
@@ -134,8 +148,12 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
+        """Sequences running and waiting; with a prefix store also its `prefix_cache_*` counters."""
         with self._cond:
-            return {"running": self._running, "waiting": len(self._pending)}
+            out = {"running": self._running, "waiting": len(self._pending)}
+        if self.prefix_store is not None:
+            out.update(self.prefix_store.stats())
+        return out
 
     def submit(
         self, items: Sequence[tuple[Sequence[int], SamplingParams]], loop: asyncio.AbstractEventLoop
@@ -219,12 +237,17 @@ class Engine:
         for seq in waiting:
             if budget <= 0:
                 break
+            self._reuse_prefix(seq)
             chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
             logits = self.backend.prefill(seq.slot, chunk, seq.prefilled, seq.alpha)  # [V]
             seq.prefilled += len(chunk)
             budget -= len(chunk)
+            self._offer_prefix(seq, seq.prompt, seq.prefilled)
             if seq.decoding:
                 seq.next_pos = len(seq.prompt)
+                seq.fed = []
+                if self.prefix_store is not None:
+                    self.prefix_store.count(seq.reused)
                 done.append(seq)
                 last_logits.append(logits)
         if done:
@@ -248,6 +271,8 @@ class Engine:
         logits = self.backend.decode(tokens, positions, alphas)  # [width, V]
         for seq in active:
             seq.next_pos += 1
+            if seq.fed is not None:
+                seq.fed.append(seq.last_token)
         rows = torch.tensor([s.slot for s in active], device=logits.device)
         self._sample(active, logits[rows])
 
@@ -264,6 +289,25 @@ class Engine:
         self._seen[rows, tokens.to(self._seen.device)] = True
         for seq, token in zip(seqs, tokens.tolist(), strict=True):
             self._accept(seq, token)
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Copy the stored blocks that continue `seq`'s prompt into its slot (no-op without a store)."""
+        store = self.prefix_store
+        if store is None:
+            return
+        aligned = seq.prefilled - seq.prefilled % store.block_size
+        for pos, data in store.lookup(seq.prompt, seq.alpha, start=aligned):
+            end = pos + store.block_size
+            if end > seq.prefilled:  # a block partly computed already is copied whole: same keys/values
+                self.backend.write_kv(seq.slot, pos, data)
+                seq.reused += end - max(pos, seq.prefilled)
+                seq.prefilled = end
+
+    def _offer_prefix(self, seq: _Sequence, tokens: list[int], upto: int) -> None:
+        """Offer the whole blocks of `tokens[:upto]`, computed in `seq`'s slot, to the prefix store."""
+        if self.prefix_store is not None:
+            slot = seq.slot
+            self.prefix_store.insert(tokens, seq.alpha, lambda a, b: self.backend.read_kv(slot, a, b), upto)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         if token in seq.params.stop_token_ids:
@@ -282,6 +326,9 @@ class Engine:
 
     def _end(self, seq: _Sequence, reason: str | None, text: str, error: str | None = None) -> None:
         """Send the last event of `seq` and free its slot."""
+        if reason is not None and seq.fed is not None:
+            # Prompt + answer is the prefix the next turn of this conversation starts with.
+            self._offer_prefix(seq, seq.prompt + seq.fed, len(seq.prompt) + len(seq.fed))
         seq.handle.deliver(Event(seq.index, text, seq.generated, reason, error))
         if self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
