@@ -56,6 +56,7 @@ def load(
     *,
     progress: bool | None = None,
     quantize: str | QuantScheme | None = None,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> tuple[QWenLMHeadModel, QWenTokenizer]:
     """Load a Qwen (v1) checkpoint for inference.
 
@@ -70,6 +71,9 @@ def load(
     Quantization (`qwenkit.quant`): `quantize` "int8" / "int4" (or a `QuantScheme`) quantizes a float checkpoint
     weight by weight as it is read. Checkpoints written by `qwenkit quantize` and official GPTQ ones (Int4/Int8)
     load as they are stored, without re-quantizing; `quantize` may then only name their own bit width.
+
+    `kv_cache_dtype`: the KV cache kind generation allocates ("int8", "fp32", "bf16", "fp16"); None -> "int8"
+    when config.json sets the official `use_cache_quantization`, else fp32 on CPU / the model dtype on GPU.
     """
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
@@ -103,6 +107,9 @@ def load(
     _retie(net, aliases)
     _check_materialized(net)
 
+    if kv_cache_dtype is None and read_json(model_dir / "config.json").get("use_cache_quantization") is True:
+        kv_cache_dtype = "int8"
+    net.set_kv_cache_dtype(kv_cache_dtype)
     net.generation_config = read_generation_config(model_dir)
     net.eval().requires_grad_(False)
     return net, tokenizer

@@ -2,7 +2,8 @@
 
 On a terminal it shows prompts and streams answers; Ctrl-C stops an answer, Ctrl-D or `:q` exits. When stdin is
 not a terminal it reads one query per line and prints one answer per query (scriptable). Lines starting with ':'
-are commands in both modes. Generation itself is `qwenkit.generation.chat.prepare_chat` + `qwenkit.generation.generate.stream`.
+are commands in both modes. Generation itself is `qwenkit.generation.chat.prepare_chat` + `qwenkit.generation.generate.stream`;
+a `PrefixCache` keeps the last turn's KV cache, so each turn prefills only the new query (`--no-prefix-cache`: off).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 
 from ..generation.chat import prepare_chat, resolve_generation_config
 from ..generation.generate import stream
+from ..generation.prefix import PrefixCache
 from ..generation.sampling import OVERRIDE_KEYS, SamplingParams
 from ..model.transformer import QWenLMHeadModel
 from ..tokenizer.chat_format import DEFAULT_SYSTEM
@@ -50,6 +52,8 @@ class ChatSession:
     start_conf: dict[str, Any] = field(default_factory=dict)
     conf: dict[str, Any] = field(default_factory=dict)
     history: list[tuple[str, str]] = field(default_factory=list)
+    # The last turn's KV cache; None: prefill the whole prompt every turn.
+    prefix: PrefixCache | None = field(default_factory=PrefixCache)
 
     def __post_init__(self) -> None:
         self.conf = dict(self.start_conf)
@@ -69,8 +73,11 @@ class ChatSession:
         pieces: list[str] = []
         start = time.perf_counter()
         n_tokens = 0
+        reused_before = self.prefix.reused_tokens if self.prefix is not None else 0
         try:
-            for chunk in stream(self.model, self.tokenizer, prompt, params, skip_special_tokens=True):
+            for chunk in stream(
+                self.model, self.tokenizer, prompt, params, skip_special_tokens=True, prefix=self.prefix
+            ):
                 n_tokens += chunk.token_id is not None
                 pieces.append(chunk.text)
                 self.out.write(chunk.text)
@@ -84,8 +91,10 @@ class ChatSession:
         self.history.append((query, "".join(pieces).strip()))
         if self.verbose:
             seconds = time.perf_counter() - start
+            reused = self.prefix.reused_tokens - reused_before if self.prefix is not None else 0
             self.err.write(
-                f"[prompt {len(prompt)} tokens, answer {n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s]\n"
+                f"[prompt {len(prompt)} tokens ({reused} reused), answer {n_tokens} tokens, "
+                f"{n_tokens / seconds:.1f} tokens/s]\n"
             )
 
     def command(self, line: str) -> bool:
@@ -214,7 +223,9 @@ def main_chat(args: Any) -> int:
     """Entry point of `qwenkit chat` (args from the argparse parser in cli.py)."""
     from ..checkpoints.loading import load
 
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=getattr(args, "kv_cache", None)
+    )
     start_conf = {
         k: v
         for k, v in (
@@ -233,5 +244,6 @@ def main_chat(args: Any) -> int:
     session = ChatSession(
         model, tokenizer, sys.stdout, sys.stderr, system=args.system, seed=args.seed, verbose=args.verbose,
         interactive=sys.stdin.isatty(), start_conf=start_conf,
+        prefix=None if getattr(args, "no_prefix_cache", False) else PrefixCache(),
     )  # fmt: skip
     return run_chat(session, sys.stdin)

@@ -32,7 +32,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .chat import check_settings
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache)
     cfg = resolve_generation_config(model)
     conf = _sampling_overrides(args)
     check_settings(cfg, conf)
@@ -54,6 +54,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(
         args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, gen_tokens=args.gen,
         prompt_tokens=args.prompt_len, runs=args.runs, threads=args.threads, memory=not args.no_memory,
+        kv_cache=args.kv_cache,
     )  # fmt: skip
     print(format_result(result))
     if args.json:
@@ -105,6 +106,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, ..."
     )
+    _add_kv_cache_arg(p)
+
+
+def _add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache", default=None, choices=["int8", "fp32", "bf16", "fp16"],
+        help="KV cache kind (default: fp32 on CPU, the model dtype on GPU; int8 = a quarter of fp32's memory)",
+    )  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +164,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-prompts", action="store_true", help="log prompts (escaped); off by default")
     p.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (API only)")
+    p.add_argument(
+        "--prefix-cache-mb", type=int, default=2048,
+        help="memory for the shared prefix cache of computed prompt blocks, MiB (default 2048; 0 = off)",
+    )  # fmt: skip
     p.set_defaults(handler=_serve)
 
 
@@ -196,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
     p.add_argument("--max-window-size", type=int, default=None, help="token budget for system + history")
     p.add_argument("--verbose", action="store_true", help="print token counts and tokens/s after each answer")
+    p.add_argument(
+        "--no-prefix-cache", action="store_true",
+        help="prefill the whole conversation every turn (default: reuse the previous turn's KV cache)",
+    )  # fmt: skip
     _add_sampling_args(p)
     p.set_defaults(handler=_chat)
 
@@ -233,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the two peak-memory cases")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the figures as JSON")
+    _add_kv_cache_arg(p)
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser(

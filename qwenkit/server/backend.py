@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..model.transformer import QWenLMHeadModel
+from .prefix_cache import PrefixStore
 
 
 class Backend(Protocol):
@@ -49,9 +50,12 @@ class Backend(Protocol):
 
 
 class ModelBackend:
-    """A `QWenLMHeadModel` with a `KVCache` of `max_slots` rows x `max_len` positions (allocated once)."""
+    """A `QWenLMHeadModel` with a `KVCache` of `max_slots` rows x `max_len` positions (allocated once), and
+    with `prefix_cache_bytes` > 0 a shared `PrefixStore` of that size (`prefix_store`, the engine uses it)."""
 
-    def __init__(self, model: QWenLMHeadModel, max_slots: int, max_len: int) -> None:
+    def __init__(
+        self, model: QWenLMHeadModel, max_slots: int, max_len: int, *, prefix_cache_bytes: int = 0
+    ) -> None:
         if max_slots < 1 or max_len < 2:
             raise ValueError(f"need max_slots >= 1 and max_len >= 2, got {max_slots} and {max_len}")
         self.model = model
@@ -60,6 +64,7 @@ class ModelBackend:
         self.vocab_size = model.config.vocab_size
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(max_slots, max_len)
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     def ntk_alpha(self, prompt_len: int) -> float:
         return self.model.ntk_alpha(prompt_len)

@@ -121,8 +121,10 @@ class Engine:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.backend = backend
-        # Shared prefix cache; the backend must then offer read_kv/write_kv (ModelBackend does).
-        self.prefix_store = prefix_store
+        # Shared prefix cache (default: the backend's own, if any); the backend must offer read_kv/write_kv.
+        self.prefix_store = (
+            prefix_store if prefix_store is not None else getattr(backend, "prefix_store", None)
+        )
         self.tokenizer = tokenizer
         self.max_slots = backend.max_slots
         self.max_queue = max_queue
