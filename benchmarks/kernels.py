@@ -124,6 +124,18 @@ def prefill(m: int, repeats: int) -> list[dict]:
     return results
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of a plain streaming read (torch.sum over `gib` GiB of fp32): the decode ceiling of this machine."""
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.numel() * 4 / statistics.median(times) / 1e9
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -145,7 +157,8 @@ def main() -> None:
             "the qwenkit C++ extension is not available (QWENKIT_DISABLE_EXT set, or see logging at INFO level); "
             "the reference kernels dequantize the whole weight per call and would take many minutes here"
         )
-    print(f"threads {args.threads}, torch {torch.__version__}\n")
+    print(f"threads {args.threads}, torch {torch.__version__}; CPU: {kernels.describe_cpu()}")
+    print(f"read bandwidth (torch.sum over 1 GiB fp32): {read_bandwidth():.1f} GB/s\n")
 
     dec = decode(rows, args.repeats)
     labels = list(KERNELS)

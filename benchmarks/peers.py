@@ -27,6 +27,7 @@ from pathlib import Path
 
 SYSTEMS = [
     "qwenkit-fp32", "qwenkit-bf16", "qwenkit-int8", "qwenkit-int4",
+    "qwenkit-bf16-noext", "qwenkit-int8-noext", "qwenkit-int4-noext",
     "transformers-fp32", "transformers-bf16",
     "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q8_0-norepack", "llama.cpp-q4_0-norepack",
 ]  # fmt: skip
@@ -53,7 +54,10 @@ def peak_rss_gb() -> float:
 
 
 def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int, cache: Path) -> dict:
-    from qwenkit import bench
+    variant, _, noext = variant.partition("-")
+    if noext:  # without the C++ kernels: PyTorch's own kernels (the fallback of machines without a compiler)
+        os.environ["QWENKIT_DISABLE_EXT"] = "1"
+    from qwenkit import bench, kernels
     from qwenkit.checkpoints.loading import load
 
     dtype = "float32" if variant == "fp32" else "bfloat16"
@@ -63,7 +67,7 @@ def work_qwenkit(ckpt: str, variant: str, gen: int, lens: list[int], runs: int, 
     bench.measure_decode(model, 8, 151851)  # warm-up
     decode = [bench.measure_decode(model, gen, 151851) for _ in range(runs)]
     prefill = {n: [bench.measure_prefill(model, n) for _ in range(runs)] for n in lens}
-    return {"decode": decode, "prefill": prefill}
+    return {"decode": decode, "prefill": prefill, "cpu": kernels.describe_cpu()}
 
 
 def quantized_checkpoint(ckpt: str, cache: Path, scheme: str) -> Path:
@@ -293,6 +297,7 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; "
         f"torch {__import__('torch').__version__}; checkpoint {Path(args.checkpoint).name}; decode {args.gen} "
         f"tokens after a 1-token prompt, greedy; medians of {args.runs} runs.",
+        *[f"{r['system']}: {r['cpu']}" for r in results if "cpu" in r],
         "",
         head + " | peak RSS |",
         "|" + "---|" * (4 + len(lens)),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import builtin as _builtin
 from . import cpu as _cpu
+from . import isa as _isa
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,11 @@ def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         for n0 in range(0, n, rows)
     ]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(x.dtype)
+
+
+def describe_cpu() -> str:
+    """The CPU model, its instruction-set flags that matter here, and the kernel set in use (for benchmarks)."""
+    return _isa.describe(_isa.cpu_flags(), _cpu.kernel_set())
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

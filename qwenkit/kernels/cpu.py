@@ -1,17 +1,33 @@
-"""Fast CPU paths for the linear kernels: a small C++ extension (AVX-512 BW/VNNI/BF16), built at first use.
+"""Fast CPU paths for the linear kernels: a small C++ extension, one build per kernel set, built at first use.
 
-`qwenkit.kernels` calls `linear_quant` / `linear_bf16` (bf16 or fp32 weights) here first; each returns None
-when the fast path does not apply (extension disabled or not built, non-CPU tensors, unsupported dtype or shape,
-autograd needed), and the caller then runs the pure-PyTorch reference. Nothing is probed or built at import time.
+Kernel sets (`qwenkit.kernels.isa`): the same sources in csrc/ compiled for AVX-512 BW/VL/DQ + VNNI + BF16
+("avx512") or for AVX2 + FMA + F16C ("avx2", x86-64-v3); `kernel_set()` picks the best one the CPU runs (or
+QWENKIT_ISA), each build lives in its own directory of the torch extensions cache, named by set and source
+hash. `qwenkit.kernels` calls `linear_quant` / `linear_bf16` (bf16 or fp32 weights) here first; each returns
+None when the fast path does not apply (no kernel set, non-CPU tensors, unsupported dtype or shape, autograd
+needed), and the caller then runs the PyTorch paths. Nothing is probed or built at import time.
 
 Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to
 8 rows, parallel over output rows. Activations are quantized per row to int16 (error ~1e-5 relative, far below
-the weights' own) and multiplied with vpdpwssd by the int8 / unpacked int4 weights; scales are applied once per
-group. Prefill: the weight is dequantized to x.dtype in row tiles (fused C++ kernel, ~50x faster than the
-reference `dequantize`) and multiplied with F.linear (oneDNN).
+the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 / unpacked int4 weights;
+scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to fp32 once per call. Prefill:
+the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the reference `dequantize`) and
+multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware, else fp32.
 
-Measured on the dev machine: 2 cores of an AMD EPYC (Zen 5: AVX-512, VNNI, BF16; no AMX), other jobs running,
-so medians of noisy runs (`python benchmarks/kernels.py` prints the current tables):
+Measured on AMD EPYC Zen 3 (family 25 model 1; AVX2/FMA/F16C, no AVX-512), 2 cores, avx2 set, other jobs
+sharing the machine (so medians of noisy runs):
+- Read bandwidth (benchmarks/kernels.py): ~34 GB/s for torch.sum over 1 GiB on 2 threads. PyTorch: F.linear
+  fp32 GEMV ~21 GB/s, bf16 ~20 GB/s; fp32 GEMM (MKL) 155-178 GFLOP/s at 512 x 2048 x 5504; bf16 GEMM
+  emulated, ~0.02 TFLOP/s at M = 64: hence fp32 prefill tiles. _weight_int8pack_mm / _weight_int4pack_mm_for_cpu
+  at M = 1 (bf16 x): see benchmarks/RESULTS.md.
+- GEMV at M = 1, 5504 x 2048, 24 matrices, quiet-ish machine: 1 thread bf16 12.1 GB/s (F.linear 10.0), fp32
+  13.6, int8 10.6, int4 13.6 (int4 bytes); 2 threads bf16 18.3 (F.linear 18.5), fp32 22.3, int8 16.6, int4 22.1.
+- Not measurable here: AVX-VNNI (this CPU has none; the avx2 set does not use it), and any change of the int4
+  layout for avx512 (issue 9 asks for a repack there; the avx2 kernel has no per-group overhead to remove: one
+  scale FMA per 128 weights, so the repack was not done, see benchmarks/RESULTS.md).
+
+Measured on the dev machine of the avx512 set: 2 cores of an AMD EPYC (Zen 5: AVX-512, VNNI, BF16; no AMX),
+other jobs running, so medians of noisy runs (`python benchmarks/kernels.py` prints the current tables):
 - Memory: a plain read loop gets ~40 GB/s on 1 thread and ~78 GB/s on 2 (not the ~29 of the Intel machine in
   shared/notes), so M = 1 decode is partly compute bound here: weight bytes/s at M = 1, 2 threads, Qwen-1.8B
   shapes: bf16 ~45-64 GB/s (F.linear 22-32), int8 ~45-64, int4 ~35-42; all linear layers of one decode step
