@@ -43,6 +43,7 @@ class BenchResult:
     peak_encode_gb: float | None = None
     peak_generate_gb: float | None = None
     cpu: str = ""  # CPU model, relevant flags and the qwenkit kernel set (CPU runs)
+    kv_cache: str | None = None  # the KV cache kind (None: the default, fp32 on CPU)
 
     @property
     def decode_median(self) -> float:
@@ -126,23 +127,31 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def _load(model: str, dtype: str, device: str, quantize: str | None) -> QWenLMHeadModel:
+def _load(
+    model: str, dtype: str, device: str, quantize: str | None, kv_cache: str | None = None
+) -> QWenLMHeadModel:
     from .checkpoints.loading import load
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "device": device, "progress": False}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device": device, "progress": False, "kv_cache_dtype": kv_cache}
     if quantize:
         kwargs["quantize"] = quantize
     return load(model, **kwargs)[0]
 
 
 def run_memory_case(
-    model: str, dtype: str, device: str, quantize: str | None, threads: int, case: str
+    model: str,
+    dtype: str,
+    device: str,
+    quantize: str | None,
+    threads: int,
+    case: str,
+    kv_cache: str | None = None,
 ) -> float:
     """Run one memory case in a fresh interpreter and return its peak (GB)."""
     code = (
         "import json, sys, torch; from qwenkit import bench\n"
         f"torch.set_num_threads({threads})\n"
-        f"m = bench._load({model!r}, {dtype!r}, {device!r}, {quantize!r})\n"
+        f"m = bench._load({model!r}, {dtype!r}, {device!r}, {quantize!r}, {kv_cache!r})\n"
         f"bench._memory_case(m, {case!r})\n"
         "print(json.dumps(bench.peak_memory_gb(m.device)))\n"
     )
@@ -163,6 +172,7 @@ def run_bench(
     runs: int = 3,
     threads: int | None = None,
     memory: bool = True,
+    kv_cache: str | None = None,
 ) -> BenchResult:
     """Load once, measure decode and prefill `runs` times each, then the two memory cases."""
     if gen_tokens < 1 or prompt_tokens < 1 or runs < 1:
@@ -170,11 +180,12 @@ def run_bench(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     path = str(model) if model else str(default_checkpoint())
-    net = _load(path, dtype, device, quantize)
+    net = _load(path, dtype, device, quantize, kv_cache)
     dev = net.device
     stored = (net.config.quantization_config or {}).get("bits")  # a quantized checkpoint's own scheme
     result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), quantize or (stored and f"int{stored}"), threads,
                          gen_tokens, prompt_tokens)  # fmt: skip
+    result.kv_cache = kv_cache
     if dev.type == "cpu":
         result.cpu = describe_cpu()
     measure_decode(net, min(gen_tokens, 8), 151851)  # warm-up (allocator, oneDNN primitives)
@@ -184,8 +195,10 @@ def run_bench(
         result.prefill_tok_s.append(measure_prefill(net, prompt_tokens))
     del net
     if memory:
-        result.peak_encode_gb = run_memory_case(path, dtype, device, quantize, threads, "encode")
-        result.peak_generate_gb = run_memory_case(path, dtype, device, quantize, threads, "generate")
+        result.peak_encode_gb = run_memory_case(path, dtype, device, quantize, threads, "encode", kv_cache)
+        result.peak_generate_gb = run_memory_case(
+            path, dtype, device, quantize, threads, "generate", kv_cache
+        )
     return result
 
 
@@ -196,6 +209,7 @@ def format_result(r: BenchResult) -> str:
     lines = [
         f"Model: {r.model} on {r.device}, {r.threads} threads; medians of {len(r.decode_tok_s)} runs",
         *([f"CPU: {r.cpu}"] if r.cpu else []),
+        *([f"KV cache: {r.kv_cache}"] if r.kv_cache else []),
         "",
         f"| Precision | Speed, generating {r.gen_tokens} tokens (tokens/s) | Prefill {r.prompt_tokens} tokens (tokens/s) |",
         "|---|---|---|",
