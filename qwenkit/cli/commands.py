@@ -168,6 +168,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--prefix-cache-mb", type=int, default=2048,
         help="memory for the shared prefix cache of computed prompt blocks, MiB (default 2048; 0 = off)",
     )  # fmt: skip
+    ops = p.add_argument_group("operations (see docs/server.md)")
+    ops.add_argument("--metrics-key", default=None,
+                     help="Bearer key for GET /metrics (or set QWENKIT_METRICS_KEY; default: --api-key)")  # fmt: skip
+    ops.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM/SIGINT, seconds to let requests finish before cutting them (default 30)")  # fmt: skip
+    ops.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                     help="wall-clock limit per generation request, seconds (default: none)")  # fmt: skip
+    ops.add_argument("--stream-idle-timeout", type=float, default=60.0, metavar="S",
+                     help="free a stream's slot when its client reads nothing for S seconds (default 60; 0 = off)")  # fmt: skip
     p.set_defaults(handler=_serve)
 
 

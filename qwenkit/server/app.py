@@ -27,9 +27,11 @@ from ..tokenizer.tokenization import QWenTokenizer
 from .backend import Backend
 from .chat_prompt import chat_prompt_ids
 from .completions import Served, chat_completions, completions, tool_specs
-from .engine import Engine
+from .engine import SHUTTING_DOWN, Engine
 from .errors import APIError, bad_request, error_body, read_request
+from .lifecycle import DrainGate, Lifecycle
 from .logs import LOG, AccessLog
+from .metrics import MEDIA_TYPE, RequestCounter, ServerMetrics
 from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 from .web import add_web_routes
 
@@ -48,6 +50,10 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_prompts: bool = False
     web: bool = True  # the chat page at / (web/); `--no-web` turns it off
+    metrics_key: str | None = None  # Bearer key for /metrics (default: the api_key)
+    shutdown_timeout: float = 30.0  # seconds a drain waits for requests in flight before cutting them
+    request_timeout: float | None = None  # wall-clock seconds per generation request (None: no limit)
+    stream_idle_timeout: float | None = 60.0  # seconds a stream may wait for its reader (None: no bound)
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Loaded:
 
 @dataclass
 class _State:
+    metrics: ServerMetrics
+    lifecycle: Lifecycle
     served: Served | None = None
     error: str | None = None
 
@@ -68,7 +76,13 @@ class _State:
 def _bring_up(state: _State, options: ServerOptions, loader: Callable[[], Loaded]) -> None:
     loaded = loader()
     tok = loaded.tokenizer
-    engine = Engine(loaded.backend, tok, max_queue=options.max_queue)
+    engine = Engine(loaded.backend, tok, max_queue=options.max_queue, metrics=state.metrics)
+    state.metrics.bind_engine(engine.stats, engine.max_slots)
+    state.lifecycle.on_cut(
+        lambda: engine.abort_all(
+            f"the shutdown timeout ({options.shutdown_timeout:g}s) ran out", SHUTTING_DOWN
+        )
+    )
     engine.start()
     state.served = Served(
         engine=engine,
@@ -79,6 +93,9 @@ def _bring_up(state: _State, options: ServerOptions, loader: Callable[[], Loaded
         stop_token_ids=(tok.im_end_id, tok.im_start_id, tok.eod_id),
         max_body_bytes=options.max_body_bytes,
         log_prompts=options.log_prompts,
+        metrics=state.metrics,
+        request_timeout=options.request_timeout,
+        stream_idle_timeout=options.stream_idle_timeout,
     )
     LOG.info("ready: model %s, context %d tokens", options.model_name, loaded.backend.max_len)
 
@@ -89,7 +106,8 @@ def create_app(
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """The ASGI app. `loader` runs in a background thread at startup; `on_load_error` is told if it fails."""
-    state = _State()
+    state = _State(ServerMetrics(options.model_name), Lifecycle(options.shutdown_timeout))
+    state.metrics.draining.set_function(lambda: float(state.lifecycle.draining))
 
     def load() -> None:
         try:
@@ -108,7 +126,9 @@ def create_app(
             state.served.engine.shutdown()
 
     app = FastAPI(title="qwenkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lifecycle = state.lifecycle  # run.py starts the drain on SIGTERM/SIGINT
     _install_error_handlers(app)
+    app.add_middleware(DrainGate, lifecycle=state.lifecycle)
     if options.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -117,6 +137,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(AccessLog)
+    app.add_middleware(RequestCounter, metrics=state.metrics)
 
     def ready() -> Served:
         if state.served is None:
@@ -130,6 +151,7 @@ def create_app(
 
     auth = Depends(_auth_dependency(options.api_key))
     _add_routes(app, ready, auth)
+    _add_ops_routes(app, state, Depends(_auth_dependency(options.metrics_key or options.api_key)))
     if options.web:
         add_web_routes(app, ready, auth)
     return app
@@ -228,6 +250,20 @@ def _add_routes(app: FastAPI, ready: Callable[[], Served], auth: Any) -> None:
         if bad is not None:
             raise bad_request(f"Token ids must be in [0, {limit}); got {req.tokens[bad]}.", f"tokens[{bad}]")
         return {"prompt": served.tokenizer.decode(req.tokens)}
+
+
+def _add_ops_routes(app: FastAPI, state: _State, metrics_auth: Any) -> None:
+    @app.get("/ready")
+    async def ready_probe() -> Response:
+        """200 when the model is loaded and the server is not draining (a readiness probe), else 503."""
+        if state.served is None or state.lifecycle.draining:
+            why = "draining" if state.lifecycle.draining else ("failed" if state.error else "loading")
+            return JSONResponse({"status": why}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", dependencies=[metrics_auth])
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=MEDIA_TYPE)
 
 
 def _tokenize(tokenizer: QWenTokenizer, req: TokenizeRequest) -> list[int]:

@@ -3,7 +3,9 @@
 Every check that can fail (body, schema, model name, tools, context length, queue) runs before the first byte,
 so a stream never starts with an error. Streamed and whole answers are built from the same events through the
 same parsers, so at temperature 0 their texts agree. A client that goes away cancels its sequences: streams
-through the response's disconnect handling, whole answers through a watcher on the connection.
+through the response's disconnect handling, whole answers through a watcher on the connection. A request cut
+short (--request-timeout, a drain's end, a stream left unread past --stream-idle-timeout) ends cleanly: a stream
+with a last event holding `finish_reason: "abort"` and an `error` object, then `[DONE]`; a whole answer with an error.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +22,16 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Message, Send
 
 from ..generation.sampling import SamplingParams
 from ..tokenizer.tokenization import QWenTokenizer
 from . import react
 from .chat_prompt import chat_prompt_ids
-from .engine import Engine, Event, QueueFullError, RequestHandle
+from .engine import SHUTTING_DOWN, Engine, EngineClosedError, Event, QueueFullError, RequestHandle
 from .errors import APIError, bad_request, read_request
 from .logs import LOG, escape
+from .metrics import ServerMetrics
 from .params import context_error, refuse_unsupported, sampling_params
 from .protocol import (
     AssistantMessage,
@@ -62,6 +66,29 @@ class Served:
     stop_token_ids: tuple[int, ...]
     max_body_bytes: int
     log_prompts: bool = False
+    metrics: ServerMetrics | None = None
+    request_timeout: float | None = None  # seconds per request, wall clock (None: no limit)
+    stream_idle_timeout: float | None = (
+        None  # seconds a stream may wait for the client to read (None: forever)
+    )
+
+    def deadline(self, arrived: float) -> float | None:
+        return None if self.request_timeout is None else arrived + self.request_timeout
+
+    def aborted(self, reason: str) -> None:
+        LOG.warning("request ended early: %s", reason)
+        if self.metrics is not None:
+            self.metrics.on_abort(reason)
+
+    def timed_out(self) -> APIError:
+        self.aborted("request_timeout")
+        return APIError(
+            504,
+            f"The request took longer than this server's --request-timeout of {self.request_timeout:g}s; "
+            "ask for fewer tokens (max_tokens) or a shorter prompt.",
+            type="timeout_error",
+            code="request_timeout",
+        )
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -88,8 +115,16 @@ class _Choice:
 
     def feed(self, event: Event) -> str:
         """Consume an event; return the content it releases (the call, if any, lands in `self.call`)."""
+        if event.code == SHUTTING_DOWN:
+            raise APIError(
+                503,
+                f"The request was cut: {event.error}; retry on another instance or after it restarts.",
+                type="service_unavailable",
+                code=SHUTTING_DOWN,
+                headers={"Retry-After": "5"},
+            )
         if event.error is not None:
-            raise APIError(500, f"Generation failed: {event.error}", type="server_error")
+            raise APIError(500, f"Generation failed: {event.error}", type="server_error", code=event.code)
         self.tokens = event.completion_tokens
         text = self.parser.push(event.text)
         if event.finish_reason is not None:
@@ -104,6 +139,13 @@ def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
+def _abort_event(base: dict[str, Any], cut: Sequence[dict[str, Any]], error: APIError) -> bytes:
+    """The last event of a cut stream: a chunk (`base` with no choices) whose `cut` choices end with
+    `finish_reason: "abort"`, carrying the error object too."""
+    chunk = {**base, "choices": [{**c, "logprobs": None, "finish_reason": "abort"} for c in cut]}
+    return b"data: " + json.dumps({**chunk, **error.body()}).encode() + b"\n\n"
+
+
 def _usage(prompt_tokens: int, choices: Sequence[_Choice]) -> Usage:
     completion = sum(c.tokens for c in choices)
     return Usage(
@@ -111,14 +153,24 @@ def _usage(prompt_tokens: int, choices: Sequence[_Choice]) -> Usage:
     )
 
 
-def _submit(served: Served, items: list[tuple[list[int], SamplingParams]]) -> RequestHandle:
+def _submit(
+    served: Served, items: list[tuple[list[int], SamplingParams]], prompt_tokens: int
+) -> RequestHandle:
     capacity = served.engine.max_slots + served.engine.max_queue
     if len(items) > capacity:
         raise bad_request(
             f"This request needs {len(items)} sequences; this server runs at most {capacity}.", "n"
         )
     try:
-        return served.engine.submit(items, asyncio.get_running_loop())
+        handle = served.engine.submit(items, asyncio.get_running_loop())
+    except EngineClosedError:
+        raise APIError(
+            503,
+            "The server is shutting down; retry on another instance or after it restarts.",
+            type="service_unavailable",
+            code=SHUTTING_DOWN,
+            headers={"Retry-After": "5"},
+        ) from None
     except QueueFullError:
         raise APIError(
             429,
@@ -127,6 +179,9 @@ def _submit(served: Served, items: list[tuple[list[int], SamplingParams]]) -> Re
             code="rate_limit_exceeded",
             headers={"Retry-After": "1"},
         ) from None
+    if served.metrics is not None:
+        served.metrics.prompt_tokens.inc(prompt_tokens)
+    return handle
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -150,9 +205,55 @@ async def _finished(request: Request, handle: RequestHandle, work: Awaitable[Non
             t.cancel()
 
 
-async def _drain(handle: RequestHandle, choices: Sequence[_Choice]) -> None:
-    async for event in handle.events():
+async def _events(served: Served, handle: RequestHandle, deadline: float | None) -> AsyncIterator[Event]:
+    """The request's events; past `deadline` an APIError (504, counted). Cut requests are counted here too."""
+    try:
+        async for event in handle.events(deadline):
+            if event.code == SHUTTING_DOWN:
+                served.aborted("shutdown")
+            yield event
+    except asyncio.TimeoutError:
+        handle.cancel()
+        raise served.timed_out() from None
+
+
+async def _collect(
+    served: Served, handle: RequestHandle, choices: Sequence[_Choice], deadline: float | None
+) -> None:
+    """Feed every event to its choice; raise the request's APIError when it fails, is cut or times out."""
+    async for event in _events(served, handle, deadline):
         choices[event.index].feed(event)
+
+
+class _IdleBoundStream(StreamingResponse):
+    """A StreamingResponse whose every write must be taken by the client within `idle_timeout` seconds; past
+    that, `on_idle` runs (the request is cancelled, its slot freed) and the connection is dropped."""
+
+    def __init__(self, body: AsyncIterator[bytes], idle_timeout: float, on_idle: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.idle_timeout = idle_timeout
+        self.on_idle = on_idle
+
+    async def stream_response(self, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            await asyncio.wait_for(send(message), self.idle_timeout)
+
+        try:
+            await super().stream_response(bounded)
+        except asyncio.TimeoutError:
+            self.on_idle()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _stream_response(served: Served, handle: RequestHandle, body: AsyncIterator[bytes]) -> Response:
+    if served.stream_idle_timeout is None:
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def on_idle() -> None:
+        handle.cancel()
+        served.aborted("stream_idle_timeout")
+
+    return _IdleBoundStream(body, served.stream_idle_timeout, on_idle)
 
 
 def tool_specs(defs: Sequence[FunctionDef]) -> list[react.ToolSpec]:
@@ -195,6 +296,7 @@ def _log_request(served: Served, rid: str, prompts: Sequence[list[int]], n: int,
 
 
 async def chat_completions(request: Request, served: Served) -> Response:
+    deadline = served.deadline(time.monotonic())
     req = await read_request(request, ChatCompletionRequest, served.max_body_bytes)
     served.check_model(req.model)
     refuse_unsupported(req)
@@ -208,7 +310,7 @@ async def chat_completions(request: Request, served: Served) -> Response:
         stop_token_ids=served.stop_token_ids,
         extra_stop=(react.OBSERVATION,) if tools else (),
     )
-    handle = _submit(served, [(prompt, p) for p in params])
+    handle = _submit(served, [(prompt, p) for p in params], len(prompt))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     _log_request(served, rid, [prompt], req.n, req.stream)
     names = [t.name for t in tools or []]
@@ -216,9 +318,9 @@ async def chat_completions(request: Request, served: Served) -> Response:
     legacy = bool(req.functions)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _chat_stream(served, rid, handle, choices, len(prompt), legacy, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    if not await _finished(request, handle, _drain(handle, choices)):
+        body = _chat_stream(served, rid, handle, choices, len(prompt), legacy, include_usage, deadline)
+        return _stream_response(served, handle, body)
+    if not await _finished(request, handle, _collect(served, handle, choices, deadline)):
         return Response(status_code=499)  # nobody is listening
     out = [
         ChatChoice(index=c.index, message=_message(c, legacy), finish_reason=c.finish_reason) for c in choices
@@ -252,6 +354,7 @@ async def _chat_stream(
     prompt_tokens: int,
     legacy: bool,
     include_usage: bool,
+    deadline: float | None,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
 
@@ -259,33 +362,39 @@ async def _chat_stream(
         choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
         return _sse(ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=[choice]))
 
+    error: APIError | None = None
     try:
         for c in choices:
             yield chunk(c.index, ChatDelta(role="assistant", content=""))
-        async for event in handle.events():
-            c = choices[event.index]
-            try:
+        try:
+            async for event in _events(served, handle, deadline):
+                c = choices[event.index]
                 text = c.feed(event)
-            except APIError as exc:
-                yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
-                break
-            if text:
-                yield chunk(c.index, ChatDelta(content=text))
-            if c.call is not None:
-                call = DeltaToolCall(index=0, id=c.call.id, function=_call_out(c.call))
-                yield chunk(
-                    c.index, ChatDelta(tool_calls=[call], function_call=call.function if legacy else None)
-                )
-            if c.finish_reason is not None:
-                yield chunk(c.index, ChatDelta(), c.finish_reason)
-        else:
-            if include_usage:
-                usage = _usage(prompt_tokens, choices)
-                yield _sse(
-                    ChatCompletionChunk(
-                        id=rid, created=created, model=served.model_name, choices=[], usage=usage
+                if text:
+                    yield chunk(c.index, ChatDelta(content=text))
+                if c.call is not None:
+                    call = DeltaToolCall(index=0, id=c.call.id, function=_call_out(c.call))
+                    yield chunk(
+                        c.index, ChatDelta(tool_calls=[call], function_call=call.function if legacy else None)
                     )
-                )
+                if c.finish_reason is not None:
+                    yield chunk(c.index, ChatDelta(), c.finish_reason)
+        except APIError as exc:
+            error = exc
+        if error is not None:
+            base = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": served.model_name,
+            }
+            cut = [{"index": c.index, "delta": {}} for c in choices if c.finish_reason is None]
+            yield _abort_event(base, cut, error)
+        elif include_usage:
+            usage = _usage(prompt_tokens, choices)
+            yield _sse(
+                ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=[], usage=usage)
+            )
         yield b"data: [DONE]\n\n"
     finally:
         handle.cancel()
@@ -295,6 +404,7 @@ async def _chat_stream(
 
 
 async def completions(request: Request, served: Served) -> Response:
+    deadline = served.deadline(time.monotonic())
     req = await read_request(request, CompletionRequest, served.max_body_bytes)
     served.check_model(req.model)
     refuse_unsupported(req)
@@ -318,16 +428,16 @@ async def completions(request: Request, served: Served) -> Response:
             stop_token_ids=served.stop_token_ids,
         )
         items += [(prompt, p) for p in params]
-    handle = _submit(served, items)
+    prompt_tokens = sum(len(p) for p in prompts)
+    handle = _submit(served, items, prompt_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     _log_request(served, rid, prompts, req.n, req.stream)
     choices = [_Choice(i, react.PlainParser()) for i in range(len(items))]
-    prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _completion_stream(served, rid, handle, choices, prompt_tokens, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    if not await _finished(request, handle, _drain(handle, choices)):
+        body = _completion_stream(served, rid, handle, choices, prompt_tokens, include_usage, deadline)
+        return _stream_response(served, handle, body)
+    if not await _finished(request, handle, _collect(served, handle, choices, deadline)):
         return Response(status_code=499)  # nobody is listening
     out = [
         CompletionChoice(text="".join(c.parts), index=c.index, finish_reason=c.finish_reason) for c in choices
@@ -346,6 +456,7 @@ async def _completion_stream(
     choices: list[_Choice],
     prompt_tokens: int,
     include_usage: bool,
+    deadline: float | None,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
 
@@ -356,19 +467,22 @@ async def _completion_stream(
             )
         )
 
+    error: APIError | None = None
     try:
-        async for event in handle.events():
-            c = choices[event.index]
-            try:
+        try:
+            async for event in _events(served, handle, deadline):
+                c = choices[event.index]
                 text = c.feed(event)
-            except APIError as exc:
-                yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
-                break
-            if text or c.finish_reason is not None:
-                yield chunk([CompletionChoice(text=text, index=c.index, finish_reason=c.finish_reason)])
-        else:
-            if include_usage:
-                yield chunk([], _usage(prompt_tokens, choices))
+                if text or c.finish_reason is not None:
+                    yield chunk([CompletionChoice(text=text, index=c.index, finish_reason=c.finish_reason)])
+        except APIError as exc:
+            error = exc
+        if error is not None:
+            base = {"id": rid, "object": "text_completion", "created": created, "model": served.model_name}
+            cut = [{"text": "", "index": c.index} for c in choices if c.finish_reason is None]
+            yield _abort_event(base, cut, error)
+        elif include_usage:
+            yield chunk([], _usage(prompt_tokens, choices))
         yield b"data: [DONE]\n\n"
     finally:
         handle.cancel()

@@ -7,8 +7,9 @@ flowing while a long prompt is read), then joins one batched decode step per ite
 params, generator, seen-mask row, UTF-8-safe decoder and stop-string matcher. Events reach the asyncio side
 through `loop.call_soon_threadsafe`; cancellation flags are read every iteration. With a `PrefixStore`, a
 prompt's leading blocks already computed (by any request) are copied into the slot instead of prefilled, and
-every computed prompt (and, at the end, prompt + answer) is offered back to the store. The engine knows nothing
-of HTTP, prompts or tools.
+every computed prompt (and, at the end, prompt + answer) is offered back to the store. `abort_all()` ends every
+sequence with an error event (the end of a drain); an optional `ServerMetrics` hears of every token. The engine
+knows nothing of HTTP, prompts or tools.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from ..generation.generate import PREFILL_CHUNK, RowText
 from ..generation.sampling import SamplingParams, make_generator, sample
 from ..tokenizer.tokenization import QWenTokenizer
 from .backend import Backend
+from .metrics import ServerMetrics
 from .prefix_cache import PrefixStore
 
 LOG = logging.getLogger("qwenkit.server")
@@ -39,11 +42,20 @@ class Event:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" on the last event
-    error: str | None = None  # set on the last event when generation failed
+    error: str | None = None  # set on the last event when generation failed or was aborted
+    code: str | None = None  # with `error`: GENERATION_FAILED, SHUTTING_DOWN or the code given to abort_all()
+
+
+GENERATION_FAILED = "generation_failed"
+SHUTTING_DOWN = "server_shutting_down"
 
 
 class QueueFullError(Exception):
     """The engine holds max_slots + max_queue sequences already; try again later."""
+
+
+class EngineClosedError(Exception):
+    """The engine takes no new requests (the server is shutting down)."""
 
 
 class RequestHandle:
@@ -74,11 +86,19 @@ class RequestHandle:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self._cancelled = True
 
-    async def events(self) -> AsyncIterator[Event]:
-        """All events of all sequences, in order, until each sequence has ended."""
+    async def events(self, deadline: float | None = None) -> AsyncIterator[Event]:
+        """All events of all sequences, in order, until each sequence has ended.
+
+        Raises asyncio.TimeoutError once `deadline` (a `time.monotonic()` value) passes first.
+        """
         remaining = self.n
         while remaining:
-            event = await self._queue.get()
+            if deadline is None:
+                event = await self._queue.get()
+            elif not self._queue.empty():
+                event = self._queue.get_nowait()
+            else:
+                event = await asyncio.wait_for(self._queue.get(), max(deadline - time.monotonic(), 0.0))
             if event.finish_reason is not None or event.error is not None:
                 remaining -= 1
             yield event
@@ -101,6 +121,8 @@ class _Sequence:
     generated: int = 0
     reused: int = 0  # prompt tokens copied from the prefix store instead of prefilled
     fed: list[int] | None = None  # generated tokens fed back (their keys follow the prompt's in the slot)
+    submitted: float = 0.0  # time.monotonic() at submit
+    last_token_at: float = 0.0
 
     @property
     def decoding(self) -> bool:
@@ -117,6 +139,7 @@ class Engine:
         *,
         max_queue: int,
         prefix_store: PrefixStore | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -128,6 +151,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_slots = backend.max_slots
         self.max_queue = max_queue
+        self.metrics = metrics
         self._cond = threading.Condition()
         self._pending: collections.deque[_Sequence] = collections.deque()  # guarded by _cond
         self._running = 0  # sequences in slots; guarded by _cond
@@ -135,6 +159,8 @@ class Engine:
         self._seen = torch.zeros(self.max_slots, backend.vocab_size, dtype=torch.bool, device=backend.device)
         self._admitted = 0  # worker thread only
         self._stopping = False
+        self._closed = False  # guarded by _cond: submit() refuses
+        self._abort: tuple[str, str] | None = None  # guarded by _cond: (message, code) for every sequence
         self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------------------
@@ -149,6 +175,14 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def abort_all(self, message: str, code: str = SHUTTING_DOWN) -> None:
+        """End every queued and running sequence with an error event (`message`, `code`) within one iteration,
+        and refuse later submits (EngineClosedError)."""
+        with self._cond:
+            self._closed = True
+            self._abort = (message, code)
+            self._cond.notify()
+
     def stats(self) -> dict[str, int]:
         """Sequences running and waiting; with a prefix store also its `prefix_cache_*` counters."""
         with self._cond:
@@ -162,17 +196,23 @@ class Engine:
     ) -> RequestHandle:
         """Queue one sequence per (prompt ids, params) item, all or none; event `index` = item position.
 
-        Raises QueueFullError when running + waiting sequences would pass max_slots + max_queue.
+        Raises QueueFullError when running + waiting sequences would pass max_slots + max_queue, and
+        EngineClosedError after abort_all().
         """
         for prompt, _ in items:
             if not prompt or len(prompt) >= self.backend.max_len:
                 raise ValueError(f"prompts must have 1..{self.backend.max_len - 1} tokens, got {len(prompt)}")
         handle = RequestHandle(len(items), loop, self._cond)
+        now = time.monotonic()
         seqs = [
-            _Sequence(handle, i, list(prompt), p, RowText(self.tokenizer, p.stop, True, "replace"))
+            _Sequence(
+                handle, i, list(prompt), p, RowText(self.tokenizer, p.stop, True, "replace"), submitted=now
+            )
             for i, (prompt, p) in enumerate(items)
         ]
         with self._cond:
+            if self._closed:
+                raise EngineClosedError
             if self._running + len(self._pending) + len(seqs) > self.max_slots + self.max_queue:
                 raise QueueFullError
             self._pending.extend(seqs)
@@ -190,6 +230,10 @@ class Engine:
                     self._drop_cancelled()
                 if self._stopping:
                     break
+                if self._abort is not None:
+                    self._end_all(*self._abort)
+                    self._abort = None
+                    continue
                 self._admit()
             try:
                 self._prefill_step()
@@ -197,12 +241,16 @@ class Engine:
             except Exception as exc:  # a failed step fails the sequences in it, never the server
                 LOG.exception("generation step failed")
                 for seq in [s for s in self._slots if s is not None]:
-                    self._end(seq, None, "", error=f"generation failed: {type(exc).__name__}")
+                    self._end(seq, None, "", f"generation failed: {type(exc).__name__}", GENERATION_FAILED)
         with self._cond:
-            leftover = [s for s in self._slots if s is not None] + list(self._pending)
-            self._pending.clear()
-        for seq in leftover:
-            self._end(seq, None, "", error="the server is shutting down")
+            self._end_all("the server is shutting down", SHUTTING_DOWN)
+
+    def _end_all(self, message: str, code: str) -> None:
+        """Under the lock: end every queued and running sequence with an error event."""
+        pending = list(self._pending)
+        self._pending.clear()
+        for seq in [s for s in self._slots if s is not None] + pending:
+            self._end(seq, None, "", message, code)
 
     def _drop_cancelled(self) -> None:
         """Under the lock: forget cancelled sequences, queued or running (their slots become free)."""
@@ -250,6 +298,8 @@ class Engine:
                 seq.fed = []
                 if self.prefix_store is not None:
                     self.prefix_store.count(seq.reused)
+                    if self.metrics is not None:
+                        self.metrics.on_prefix_lookup(seq.reused)
                 done.append(seq)
                 last_logits.append(logits)
         if done:
@@ -316,6 +366,13 @@ class Engine:
             self._end(seq, "stop", seq.text.close())
             return
         seq.generated += 1
+        if self.metrics is not None:
+            now = time.monotonic()
+            if seq.generated == 1:
+                self.metrics.on_first_token(now - seq.submitted)
+            else:
+                self.metrics.on_token(now - seq.last_token_at)
+            seq.last_token_at = now
         text, stopped = seq.text.push(token)
         if stopped:
             self._end(seq, "stop", text)
@@ -326,12 +383,14 @@ class Engine:
             if text:
                 seq.handle.deliver(Event(seq.index, text, seq.generated))
 
-    def _end(self, seq: _Sequence, reason: str | None, text: str, error: str | None = None) -> None:
+    def _end(
+        self, seq: _Sequence, reason: str | None, text: str, error: str | None = None, code: str | None = None
+    ) -> None:
         """Send the last event of `seq` and free its slot."""
         if reason is not None and seq.fed is not None:
             # Prompt + answer is the prefix the next turn of this conversation starts with.
             self._offer_prefix(seq, seq.prompt + seq.fed, len(seq.prompt) + len(seq.fed))
-        seq.handle.deliver(Event(seq.index, text, seq.generated, reason, error))
+        seq.handle.deliver(Event(seq.index, text, seq.generated, reason, error, code))
         if self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
             with self._cond:
