@@ -56,11 +56,11 @@ export function safeLink(href) {
 }
 
 function renderInline(text, parent) {
+  const inline = new RegExp(INLINE); // its own lastIndex: bold and italic recurse
   let last = 0;
-  INLINE.lastIndex = 0;
-  for (let m = INLINE.exec(text); m !== null; m = INLINE.exec(text)) {
+  for (let m = inline.exec(text); m !== null; m = inline.exec(text)) {
     if (m.index > last) parent.append(text.slice(last, m.index));
-    last = INLINE.lastIndex;
+    last = inline.lastIndex;
     if (m[2] !== undefined) {
       parent.append(el("code", "", m[2].length > 2 && m[2].startsWith(" ") && m[2].endsWith(" ") ? m[2].slice(1, -1) : m[2]));
     } else if (m[3] !== undefined || m[4] !== undefined) {
