@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     p.set_defaults(handler=_quantize)
     _add_serve_parser(sub)
+    from .eval import add_eval_parser  # the handler imports its heavy modules lazily
+
+    add_eval_parser(sub)
     return parser
 
 
