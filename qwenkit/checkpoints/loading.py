@@ -57,6 +57,7 @@ def load(
     progress: bool | None = None,
     quantize: str | QuantScheme | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
+    lora: str | os.PathLike[str] | None = None,
 ) -> tuple[QWenLMHeadModel, QWenTokenizer]:
     """Load a Qwen (v1) checkpoint for inference.
 
@@ -74,6 +75,9 @@ def load(
 
     `kv_cache_dtype`: the KV cache kind generation allocates ("int8", "fp32", "bf16", "fp16"); None -> "int8"
     when config.json sets the official `use_cache_quantization`, else fp32 on CPU / the model dtype on GPU.
+
+    `lora`: a LoRA adapter directory in peft's format (`qwenkit finetune`, peft, the official finetune.py),
+    applied on top of the (possibly quantized) weights; `qwenkit merge-lora` folds one in for good.
     """
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
@@ -106,6 +110,10 @@ def load(
     net.load_state_dict(state, strict=True, assign=True)
     _retie(net, aliases)
     _check_materialized(net)
+    if lora is not None:
+        from .adapter_files import apply_adapter
+
+        apply_adapter(net, lora)
 
     if kv_cache_dtype is None and read_json(model_dir / "config.json").get("use_cache_quantization") is True:
         kv_cache_dtype = "int8"

@@ -46,6 +46,19 @@ def save_quantized(
             "only models quantized by qwenkit (quantize_model() or load(..., quantize=...)) can be saved; "
             f"this one has quantization_config {qc!r}"
         )
+    return save_model(model, out_dir, source_dir=source_dir, shard_bytes=shard_bytes, overwrite=overwrite)
+
+
+def save_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    source_dir: str | os.PathLike[str] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write a float or qwenkit-quantized model in the official layout (the files of `save_quantized`);
+    finetuned and merged models (`qwenkit.train`, `qwenkit merge-lora`) are saved with it."""
     state = _unique_state(model)
     dtype_name = DTYPE_NAMES[model.transformer.wte.weight.dtype]
     config = dataclasses.replace(
