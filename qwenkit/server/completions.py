@@ -11,27 +11,21 @@ with a last event holding `finish_reason: "abort"` and an `error` object, then `
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Message, Send
+from starlette.responses import JSONResponse, Response
 
 from ..generation.sampling import SamplingParams
-from ..tokenizer.tokenization import QWenTokenizer
-from . import react
+from . import react, sse
 from .chat_prompt import chat_prompt_ids
-from .engine import SHUTTING_DOWN, Engine, EngineClosedError, Event, QueueFullError, RequestHandle
+from .engine import SHUTTING_DOWN, EngineClosedError, Event, QueueFullError, RequestHandle
 from .errors import APIError, bad_request, read_request
 from .logs import LOG, escape
-from .metrics import ServerMetrics
 from .params import context_error, refuse_unsupported, sampling_params
 from .protocol import (
     AssistantMessage,
@@ -50,56 +44,7 @@ from .protocol import (
     ToolCallOut,
     Usage,
 )
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class Served:
-    """Everything the routes need once the model is loaded."""
-
-    engine: Engine
-    tokenizer: QWenTokenizer
-    generation_config: dict[str, Any]
-    model_name: str
-    max_len: int
-    stop_token_ids: tuple[int, ...]
-    max_body_bytes: int
-    log_prompts: bool = False
-    metrics: ServerMetrics | None = None
-    request_timeout: float | None = None  # seconds per request, wall clock (None: no limit)
-    stream_idle_timeout: float | None = (
-        None  # seconds a stream may wait for the client to read (None: forever)
-    )
-
-    def deadline(self, arrived: float) -> float | None:
-        return None if self.request_timeout is None else arrived + self.request_timeout
-
-    def aborted(self, reason: str) -> None:
-        LOG.warning("request ended early: %s", reason)
-        if self.metrics is not None:
-            self.metrics.on_abort(reason)
-
-    def timed_out(self) -> APIError:
-        self.aborted("request_timeout")
-        return APIError(
-            504,
-            f"The request took longer than this server's --request-timeout of {self.request_timeout:g}s; "
-            "ask for fewer tokens (max_tokens) or a shorter prompt.",
-            type="timeout_error",
-            code="request_timeout",
-        )
-
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(
-                404,
-                f"The model '{escape(name, 200)}' does not exist on this server; it serves "
-                f"'{self.model_name}' (see GET /v1/models).",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+from .served import Served
 
 
 @dataclass
@@ -133,17 +78,6 @@ class _Choice:
             self.finish_reason = "tool_calls" if self.call else event.finish_reason
         self.parts.append(text)
         return text
-
-
-def _sse(model: BaseModel) -> bytes:
-    return b"data: " + model.model_dump_json().encode() + b"\n\n"
-
-
-def _abort_event(base: dict[str, Any], cut: Sequence[dict[str, Any]], error: APIError) -> bytes:
-    """The last event of a cut stream: a chunk (`base` with no choices) whose `cut` choices end with
-    `finish_reason: "abort"`, carrying the error object too."""
-    chunk = {**base, "choices": [{**c, "logprobs": None, "finish_reason": "abort"} for c in cut]}
-    return b"data: " + json.dumps({**chunk, **error.body()}).encode() + b"\n\n"
 
 
 def _usage(prompt_tokens: int, choices: Sequence[_Choice]) -> Usage:
@@ -225,35 +159,12 @@ async def _collect(
         choices[event.index].feed(event)
 
 
-class _IdleBoundStream(StreamingResponse):
-    """A StreamingResponse whose every write must be taken by the client within `idle_timeout` seconds; past
-    that, `on_idle` runs (the request is cancelled, its slot freed) and the connection is dropped."""
-
-    def __init__(self, body: AsyncIterator[bytes], idle_timeout: float, on_idle: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.idle_timeout = idle_timeout
-        self.on_idle = on_idle
-
-    async def stream_response(self, send: Send) -> None:
-        async def bounded(message: Message) -> None:
-            await asyncio.wait_for(send(message), self.idle_timeout)
-
-        try:
-            await super().stream_response(bounded)
-        except asyncio.TimeoutError:
-            self.on_idle()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
 def _stream_response(served: Served, handle: RequestHandle, body: AsyncIterator[bytes]) -> Response:
-    if served.stream_idle_timeout is None:
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-
     def on_idle() -> None:
         handle.cancel()
         served.aborted("stream_idle_timeout")
 
-    return _IdleBoundStream(body, served.stream_idle_timeout, on_idle)
+    return sse.event_stream(body, served.stream_idle_timeout, on_idle)
 
 
 def tool_specs(defs: Sequence[FunctionDef]) -> list[react.ToolSpec]:
@@ -360,7 +271,9 @@ async def _chat_stream(
 
     def chunk(index: int, delta: ChatDelta, finish: str | None = None) -> bytes:
         choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
-        return _sse(ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=[choice]))
+        return sse.event(
+            ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=[choice])
+        )
 
     error: APIError | None = None
     try:
@@ -389,10 +302,10 @@ async def _chat_stream(
                 "model": served.model_name,
             }
             cut = [{"index": c.index, "delta": {}} for c in choices if c.finish_reason is None]
-            yield _abort_event(base, cut, error)
+            yield sse.abort_event(base, cut, error)
         elif include_usage:
             usage = _usage(prompt_tokens, choices)
-            yield _sse(
+            yield sse.event(
                 ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=[], usage=usage)
             )
         yield b"data: [DONE]\n\n"
@@ -461,7 +374,7 @@ async def _completion_stream(
     created = int(time.time())
 
     def chunk(choice_list: list[CompletionChoice], usage: Usage | None = None) -> bytes:
-        return _sse(
+        return sse.event(
             CompletionResponse(
                 id=rid, created=created, model=served.model_name, choices=choice_list, usage=usage
             )
@@ -480,7 +393,7 @@ async def _completion_stream(
         if error is not None:
             base = {"id": rid, "object": "text_completion", "created": created, "model": served.model_name}
             cut = [{"text": "", "index": c.index} for c in choices if c.finish_reason is None]
-            yield _abort_event(base, cut, error)
+            yield sse.abort_event(base, cut, error)
         elif include_usage:
             yield chunk([], _usage(prompt_tokens, choices))
         yield b"data: [DONE]\n\n"
