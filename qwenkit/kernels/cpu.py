@@ -54,6 +54,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -134,6 +135,7 @@ def ops_for(name: str):
     try:
         from torch.utils import cpp_extension
 
+        _drop_stale_lock(Path(cpp_extension._get_build_directory(f"qwenkit_{name}_{_source_digest(name)}", False)))
         cpp_extension.load(
             name=f"qwenkit_{name}_{_source_digest(name)}",
             sources=[str(p) for p in _SOURCES],
@@ -150,6 +152,22 @@ def ops_for(name: str):
         logger.info("qwenkit: %s CPU kernels unavailable (%s)", name, exc)
         return None
     return getattr(torch.ops, f"qwenkit_{name}")
+
+
+STALE_LOCK_SECONDS = 600  # a build takes ~10-60 s; a lock this old was left by a killed build
+
+
+def _drop_stale_lock(build_dir: Path) -> None:
+    """torch's extension builder waits forever on the `lock` file a killed build leaves behind (every later
+    process then hangs at its first linear layer): remove one that is far older than any real build."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("qwenkit: removing a stale kernel build lock (%.0f s old): %s", age, lock)
+        lock.unlink(missing_ok=True)
 
 
 def _source_digest(name: str) -> str:
