@@ -128,7 +128,10 @@ HE_PROMPT = 'def add(a: int, b: int) -> int:\n    """Add two numbers.\n    >>> a
     [
         ("```python\ndef add(a: int, b: int) -> int:\n    return a + b\n```", "    return a + b"),
         ("```\ndef add(a, b):\n    return a + b\n```\nDone.", "    return a + b"),
-        ("Here:\ndef add(a, b):\n    s = a + b\n\n    return s\nprint(add(1, 2))", "    s = a + b\n\n    return s"),
+        (
+            "Here:\ndef add(a, b):\n    s = a + b\n\n    return s\nprint(add(1, 2))",
+            "    s = a + b\n\n    return s",
+        ),
         ("def helper(x):\n    return x\n", "    return x"),  # another def: the third regex
         ("return a + b", "    return a + b"),  # no def: indented as a body
     ],
@@ -139,11 +142,15 @@ def test_humaneval_extract_code(response: str, expected: str) -> None:
 
 def test_humaneval_prompt() -> None:
     prompt = humaneval.format_prompt(HE_PROMPT, "add")
-    assert prompt.startswith("Write a Python function `add(a: int, b: int) -> int` to solve the following problem:\n")
+    assert prompt.startswith(
+        "Write a Python function `add(a: int, b: int) -> int` to solve the following problem:\n"
+    )
     assert "\nAdd two numbers.\n>>> add(1, 2)\n3\n\n" + HE_PROMPT in prompt
 
 
-GOLDEN = 'Thought: I need weather.\nAction: weather_api\nAction Input: {"city": "北京", "day": 1}\nObservation:'
+GOLDEN = (
+    'Thought: I need weather.\nAction: weather_api\nAction Input: {"city": "北京", "day": 1}\nObservation:'
+)
 
 
 @pytest.mark.parametrize(
