@@ -150,7 +150,7 @@ def test_csv_reads_as_pandas_2_did(tmp_path: Path) -> None:
 def test_missing_data_says_where_to_get_it(tmp_path: Path, capsys) -> None:
     assert main(["eval", "-m", str(tmp_path), "--task", "mmlu", "--data", str(tmp_path)]) == 2
     # the model directory is checked first; use the data loader directly for the data message
-    with pytest.raises(data.MissingDataError, match=r"hendrycks.*test/\{subject\}_test.csv"):
+    with pytest.raises(data.MissingDataError, match=r"(?s)hendrycks.*test/\{subject\}_test.csv"):
         mmlu.TASK.load(__import__("qwenkit.eval.task", fromlist=["LoadOptions"]).LoadOptions(tmp_path))
 
 
