@@ -89,6 +89,41 @@ def input_grad(base: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
     return grad_x.view(*grad_out.shape[:-1], k).to(grad_out.dtype)
 
 
+def route_frozen_linears(model: nn.Module) -> list[str]:
+    """Send the input gradient of every frozen linear layer outside the adapters (lm_head, layers not targeted)
+    through `input_grad`, keeping the module and its names; returns their names.
+
+    Plain autograd would save a float copy of each weight for the backward (Qwen-1.8B's lm_head: 1.2 GB in
+    fp32; a quantized layer's dequantized weight likewise) and multiply bf16 by bf16, which CPUs without
+    AVX-512 BF16 emulate, ~100x slower than fp32 tiles."""
+    owned = {id(child) for m in model.modules() if isinstance(m, LoraLinear) for child in m.children()}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or id(module) in owned:
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        if not isinstance(vars(module).get("forward"), _FrozenForward):
+            module.forward = _FrozenForward(module)
+        names.append(name)
+    return names
+
+
+class _FrozenForward:
+    """An instance `forward` (a plain callable, so no module names change): the layer's own forward, through
+    `_FrozenLinear` when the input needs a gradient. `_FrozenLinear` calls the layer again with autograd off,
+    which lands in the plain branch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.plain = type(module).forward.__get__(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinear.apply(x, self.module)
+        return self.plain(x)
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer (`nn.Linear` or a qwenkit quantized linear) plus a trainable low-rank update."""
 

@@ -224,8 +224,9 @@ def main_chat(args: Any) -> int:
     from ..checkpoints.loading import load
 
     model, tokenizer = load(
-        args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=getattr(args, "kv_cache", None)
-    )
+        args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=getattr(args, "kv_cache", None),
+        lora=getattr(args, "lora", None),
+    )  # fmt: skip
     start_conf = {
         k: v
         for k, v in (

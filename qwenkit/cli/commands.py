@@ -32,7 +32,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .chat import check_settings
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache)
+    model, tokenizer = load(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache, lora=args.lora
+    )
     cfg = resolve_generation_config(model)
     conf = _sampling_overrides(args)
     check_settings(cfg, conf)
@@ -107,6 +109,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, ..."
     )
     _add_kv_cache_arg(p)
+    p.add_argument(
+        "--lora", default=None, metavar="DIR", help="apply a LoRA adapter (qwenkit finetune, peft) to the model"
+    )
 
 
 def _add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
@@ -285,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_eval_parser  # the handler imports its heavy modules lazily
 
     add_eval_parser(sub)
+    from .finetune import add_finetune_parsers
+
+    add_finetune_parsers(sub)
     return parser
 
 

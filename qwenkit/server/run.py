@@ -80,7 +80,10 @@ def model_loader(args: argparse.Namespace, options: ServerOptions) -> Loaded:
     from ..checkpoints.loading import load
 
     kv_cache = getattr(args, "kv_cache", None)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=kv_cache)
+    lora = getattr(args, "lora", None)
+    model, tokenizer = load(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=kv_cache, lora=lora
+    )
     max_len = resolve_max_len(args.max_model_len, model.config.seq_length)
     prefix_bytes = max(getattr(args, "prefix_cache_mb", 0) or 0, 0) << 20
     backend = ModelBackend(model, options.max_concurrency, max_len, prefix_cache_bytes=prefix_bytes)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +152,12 @@ def train(
         while result.steps < total:
             steps = step_batches(n, config, world, epoch)
             for micro in steps[result.steps - epoch * per_epoch :]:
-                loss, tokens = _optimizer_step(runner, params, optimizer, scheduler, data, micro, config, autocast)
-                result.steps += 1
-                result.losses.append(world.mean(loss))
-                boundary_rng = _gather_rng(world)
+                loss, tokens = _accumulate(runner, data, micro, autocast)
+                with _ctrl_c_after():  # a step is applied whole or not at all: the Ctrl-C checkpoint is exact
+                    _update(params, optimizer, scheduler, config)
+                    result.steps += 1
+                    result.losses.append(world.mean(loss))
+                    boundary_rng = _gather_rng(world)
                 progress.update(result.losses[-1], scheduler.get_last_lr()[0], tokens * world.size)
                 if result.steps % config.save_steps == 0 and world.main:
                     result.checkpoint = _save(out, result, model, optimizer, scheduler, boundary_rng, config, base_model)
@@ -177,8 +181,9 @@ def train(
     return result
 
 
-def _optimizer_step(runner, params, optimizer, scheduler, data, micro, config, autocast) -> tuple[float, int]:
-    """One optimizer step over its micro-batches; returns (mean micro-batch loss, tokens seen on this rank)."""
+def _accumulate(runner, data, micro, autocast) -> tuple[float, int]:
+    """Forward and backward over one step's micro-batches (gradients summed in `.grad`); returns (mean
+    micro-batch loss, tokens seen on this rank)."""
     total_loss, tokens = 0.0, 0
     for i, rows in enumerate(micro):
         ids, labels = trim({k: v[rows] for k, v in data.items()})
@@ -187,13 +192,33 @@ def _optimizer_step(runner, params, optimizer, scheduler, data, micro, config, a
         with (runner.no_sync() if not sync else contextlib.nullcontext()), autocast:
             loss = causal_lm_loss(runner, ids, labels) / len(micro)
             loss.backward()
-        total_loss += float(loss)
+        total_loss += loss.item()
         tokens += ids.numel()
+    return total_loss, tokens
+
+
+def _update(params, optimizer, scheduler, config: TrainConfig) -> None:
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss, tokens
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end, so
+    weights, optimizer, scheduler and step count never disagree. Off the main thread (no signals): a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:  # None: a handler not set from Python, which cannot be put back; Python's default instead
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoints.loading import load
-from ..checkpoints.lora import LoraSpec, add_lora
+from ..checkpoints.lora import LoraSpec, add_lora, route_frozen_linears
 from ..model.transformer import QWenLMHeadModel
 from ..tokenizer.tokenization import QWenTokenizer
 
@@ -94,6 +94,7 @@ def prepare_model(model: QWenLMHeadModel, config: TrainConfig) -> list[nn.Parame
         add_lora(model, config.lora)  # fp32 adapters: small, and the optimizer needs full precision
         for name, param in model.named_parameters():
             param.requires_grad_(".lora_" in name)
+        route_frozen_linears(model)  # lm_head's backward: fp32 tiles, no saved float weight
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
