@@ -10,6 +10,9 @@ the quantized ones run PyTorch's weight-only kernels at decode (`qwenkit.kernels
 formats those lack, dequantize the weight once per call and multiply in `cpu.gemm_dtype` (fp32 on CPUs whose
 bf16 GEMM PyTorch emulates); `linear_bf16` multiplies large inputs in fp32 tiles there too. The pure-PyTorch
 references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests hold every path to.
+`cached_attention` is attention over a KV cache window (fp32/bf16/fp16, or int8 with per-token-and-head scales):
+the C++ decode kernel for a few query rows on CPU, else `reference_cached_attention` (SDPA in the cache's dtype,
+fp32 over a dequantized int8 cache), which is also what prefill runs.
 Set QWENKIT_DISABLE_EXT=1 (or QWENKIT_ISA=none) to run without the C++ kernels.
 """
 
@@ -157,6 +160,51 @@ def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         for n0 in range(0, n, rows)
     ]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(x.dtype)
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 `q * scale[..., None]`: int8 `[..., D]` with one scale per row `[...]` (the int8 KV cache's format)."""
+    return q.float() * scale[..., None]
+
+
+def reference_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`cached_attention` in PyTorch: SDPA in the cache's dtype (int8: fp32 over the dequantized window), with
+    the mask from `lengths` (or the caller's `mask` `[B, 1, T, S]` bool, which must say the same). A query that
+    sees no key gets zeros."""
+    if k.dtype == torch.int8:
+        k, v = dequantize_int8_rows(k, k_scale), dequantize_int8_rows(v, v_scale)
+    if mask is None:
+        key_idx = torch.arange(k.shape[2], device=k.device)
+        mask = (key_idx[None, None, :] < lengths[:, :, None].to(k.device))[:, None]  # [B, 1, T, S]
+    return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask).to(q.dtype)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q `[B, H, T, D]` over a cache window k, v `[B, H, S, D]` (float, or int8 with fp32 scales
+    `[B, H, S]`): query (b, t) sees keys `0..lengths[b, t] - 1` of its row (`lengths` int `[B, T]`); softmax
+    scale 1/sqrt(D). Returns `[B, H, T, D]` in q.dtype. Decode (T <= cpu.DECODE_MAX_QUERIES, CPU, no autograd)
+    takes the C++ kernel, which reads an int8 cache as int8; otherwise `reference_cached_attention` (`mask`:
+    an optional precomputed form of `lengths` for it)."""
+    out = _cpu.decode_attention(q, k, v, lengths, k_scale, v_scale)
+    if out is None:
+        out = reference_cached_attention(q, k, v, lengths, k_scale, v_scale, mask)
+    return out
 
 
 def describe_cpu() -> str:

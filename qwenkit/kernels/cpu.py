@@ -73,7 +73,8 @@ BF16_GEMV_MAX_ELEMENTS = 16384
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "ops.cpp")]  # + common.h, simd.h
+# + common.h, simd.h
+_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "attention.cpp", "ops.cpp")]
 # -fopenmp: at::parallel_for is a header template that runs serially without it; the extension then shares
 # the libgomp.so.1 that torch has already loaded (same soname), so there is one thread pool.
 _CFLAGS = ["-O3", "-mtune=native", "-fopenmp"]
@@ -319,3 +320,43 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     y = ops_for(kset).gemv_bf16(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# Decode attention (csrc/attention.cpp): one pass over the cached keys/values per (row, head), online softmax.
+# Up to this many query rows per call (the GEMV's limit too: a short prefill chunk takes the same paths).
+DECODE_MAX_QUERIES = 16
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Attention of q `[B, H, T, D]` (T <= DECODE_MAX_QUERIES) over a cache window k, v `[B, H, S, D]` (fp32 /
+    bf16 / fp16, or int8 with fp32 scales `[B, H, S]`), query (b, t) seeing keys `0..lengths[b, t] - 1`; softmax
+    scale 1/sqrt(D), fp32 math. `[B, H, T, D]` in q.dtype, or None when the kernel does not apply."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] > DECODE_MAX_QUERIES or k.shape != v.shape:
+        return None
+    if k.dtype != v.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    scales = (k_scale, v_scale)
+    if k.dtype == torch.int8:
+        if any(s is None or s.dtype != torch.float32 for s in scales):
+            return None
+    elif any(s is not None for s in scales):
+        return None
+    if not _plain_cpu(q, k, v, k_scale, v_scale, lengths):
+        return None
+    kset = kernel_set()
+    if kset is None:
+        return None
+    k_scale, v_scale, lengths = _contig_last(k_scale), _contig_last(v_scale), lengths.long().contiguous()
+    out = ops_for(kset).decode_attention(q, k, v, k_scale, v_scale, lengths, q.shape[-1] ** -0.5)  # [B, T, H, D]
+    return out.transpose(1, 2)
+
+
+def _contig_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()

@@ -5,13 +5,16 @@ different lengths. The cache does not know which rows are in use or how long eac
 decides that and passes positions; the model masks every index beyond a query's own position.
 
 The int8 cache (`dtype=torch.int8`) stores each token's key and value per head as int8 with one fp32 scale
-(symmetric, rounded: `x ~= q * scale`, `scale = max|x| / 127`), a quarter of the fp32 cache's memory.
+(symmetric, rounded: `x ~= q * scale`, `scale = max|x| / 127`), a quarter of the fp32 cache's memory. Attention
+over a cache window (`layer_view`) is `qwenkit.kernels.cached_attention`'s job: it reads int8 as int8 at decode.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..kernels import dequantize_int8_rows
 
 # The kinds of cache: float dtypes hold keys/values as they are; int8 is quantized per token and head.
 INT8 = torch.int8
@@ -44,7 +47,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 `q * scale[..., None]`: the inverse of `quantize_int8`."""
-    return q.float() * scale[..., None]
+    return dequantize_int8_rows(q, scale)
 
 
 class KVCache(nn.Module):
@@ -149,7 +152,8 @@ class KVCache(nn.Module):
         """Write `k`, `v` `[B, H, T, D]` at `positions` `[B, T]` into rows `0..B-1` of `layer`.
 
         Returns views `[B, H, S_used, D]` of those rows with `S_used = max(positions) + 1` (for an int8 cache,
-        fp32 dequantized copies; decode attention should read the int8 buffers through `layer_view` instead).
+        fp32 dequantized copies of the whole window; the model instead calls `write_tokens`, then reads the
+        int8 buffers through `layer_view` with `kernels.cached_attention`).
         `length` lets a caller that already knows `S_used` (the model computes it once per forward) skip a host
         sync per layer.
         """

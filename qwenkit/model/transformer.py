@@ -1,4 +1,4 @@
-"""The Qwen (v1) transformer: RMSNorm, rotary (with dynamic NTK and logn scaling), SDPA attention, MLP, blocks.
+"""The Qwen (v1) transformer: RMSNorm, rotary (with dynamic NTK and logn scaling), attention, MLP, blocks.
 
 Module and parameter names equal the official checkpoint keys, so loading needs no key map, and every linear layer
 is an `nn.Linear` (a subclass with a fast CPU path) reachable by name so quantization can swap it. Loading weights,
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation.chat import ChatMixin
-from ..kernels import linear_bf16
+from ..kernels import cached_attention, linear_bf16
 from .config import QwenConfig
 from .kv_cache import KVCache, parse_kv_cache_dtype
 
@@ -117,11 +117,13 @@ class _StepInputs:
     qk_scale: torch.Tensor | None  # [B, T, 2, 1, 1] fp32: logn factor for q, 1 for k; None when logn is off
     cache: KVCache | None
     length: int  # keys attended with a cache: max position in the batch + 1
-    mask: torch.Tensor | None  # [B, 1, T, length] bool, True = may attend; None -> causal over the input
+    lengths: torch.Tensor | None  # [B, T] keys each query attends with a cache (its position + 1)
+    mask: torch.Tensor | None  # [B, 1, T, length] bool, True = may attend: `lengths` for SDPA; None -> causal
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: fused `c_attn` (q | k | v, with bias), rotary, SDPA, output `c_proj`."""
+    """Multi-head self-attention: fused `c_attn` (q | k | v, with bias), rotary, SDPA (over a cache:
+    `kernels.cached_attention`), output `c_proj`."""
 
     def __init__(self, config: QwenConfig, layer: int, *, dtype=None, device=None) -> None:
         super().__init__()
@@ -142,11 +144,12 @@ class Attention(nn.Module):
         if step.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Keys come from the cache: [B, H, length, D]; the mask keeps each query to indices 0..p of its row.
-            k, v = step.cache.update(self.layer, step.positions, k, v, length=step.length)
-            # Attention runs in the cache's dtype (fp32 on CPU, see new_cache; fp32 over a dequantized int8
-            # cache), then back to the model's.
-            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.mask).to(q.dtype)
+            # Keys come from the cache window [B, H, length, D] (+ int8 scales [B, H, length]); each query sees
+            # indices 0..p of its row. Decode on CPU: the C++ kernel (fp32 math, int8 read as int8); otherwise
+            # SDPA in the cache's dtype (fp32 on CPU, see new_cache; fp32 over a dequantized int8 cache).
+            step.cache.write_tokens(self.layer, step.positions, k, v, length=step.length)
+            k, v, *scales = step.cache.layer_view(self.layer, bsz, step.length)
+            out = cached_attention(q, k, v, step.lengths, *scales, mask=step.mask)
         return self.c_proj(out.transpose(1, 2).reshape(bsz, steps, hidden))
 
 
@@ -362,9 +365,12 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         if c.use_logn_attn:
             q_scale = logn_scale(positions, c.seq_length)[:, :, None, None, None]  # [B, T, 1, 1, 1]
             qk_scale = torch.cat((q_scale, torch.ones_like(q_scale)), dim=2)
-        mask = None
+        lengths = mask = None
         if cache is not None:
+            lengths = positions + 1  # [B, T]
             # [B, 1, T, length]: key index s is visible to the query at position p iff s <= p (same row).
             key_idx = torch.arange(length, device=device)
             mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]
-        return _StepInputs(positions, cos[:, :, None], sin[:, :, None], qk_scale, cache, length, mask)
+        return _StepInputs(
+            positions, cos[:, :, None], sin[:, :, None], qk_scale, cache, length, lengths, mask
+        )

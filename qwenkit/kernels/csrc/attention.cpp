@@ -1,0 +1,355 @@
+// Decode attention over a KV cache: a few query rows per (batch row, head) against up to S cached keys/values,
+// reading each key and value once (flash-decoding's online softmax, one pass over the cache). Written once
+// against simd.h, compiled once per kernel set; parallel over (batch row, head) pairs.
+//
+// Cache kinds: fp32, bf16 and fp16 keys/values are widened to fp32 in registers; int8 keys/values are read as
+// int8 and widened the same way, with their per-(token, head) fp32 scales applied to the score (keys) and to the
+// softmax weight (values), so the cache is never dequantized. All math is fp32: scores, a block max, exp, sums.
+// Query t of row b attends keys 0..lengths[b, t] - 1 of its row (the model passes position + 1); a query with
+// length 0 gets zeros (SDPA's answer for a fully masked row).
+//
+// Per (b, h) and group of up to kMaxQ queries: for each block of kBlock keys, scores s = (scale * q) . k for all
+// queries of the group (each key row loaded once for all of them), then per query m' = max(m, max s),
+// p = exp(s - m'), l = l * exp(m - m') + sum p, o = o * exp(m - m') + p . V (each value row loaded once); the
+// output is o / l.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include "common.h"
+
+namespace QK_NS {
+namespace {
+
+enum class KV { F32, BF16, F16, I8 };
+
+constexpr int kMaxQ = 8;          // queries per pass over the keys (more are done in several passes)
+constexpr int64_t kBlock = 128;   // keys per online-softmax step (scores of one block stay in L1)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// fp32 accumulator vectors of the value pass per key (query rows x column vectors): half the register file.
+constexpr int kAccRegs = kL == 16 ? 16 : 8;
+
+// ---------------------------------------------------------------- vector exp (x <= 0 in use)
+
+#if defined(QK_ISA_AVX512)
+QK_INLINE vf fround_(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+QK_INLINE vf fpow2i(vf n) {  // 2**n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+QK_INLINE vf fkeep_ge(vf x, vf lim, vf y) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lim, _CMP_GE_OQ), y); }
+#else
+QK_INLINE vf fround_(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+QK_INLINE vf fpow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+QK_INLINE vf fkeep_ge(vf x, vf lim, vf y) { return _mm256_and_ps(_mm256_cmp_ps(x, lim, _CMP_GE_OQ), y); }
+#endif
+
+// exp(x) for x <= 0 to ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial; 0 below the
+// fp32 normal range (so -inf, the masked score, gives exactly 0; so does NaN).
+QK_INLINE vf fexp(vf x) {
+  const vf lo = fset1(-87.33654f);
+  const vf xc = fmax_(x, lo);
+  const vf n = fround_(fmul(xc, fset1(1.44269504088896341f)));
+  vf r = ffma(n, fset1(-0.693359375f), xc);
+  r = ffma(n, fset1(2.12194440e-4f), r);
+  vf p = fset1(1.9875691500e-4f);
+  p = ffma(p, r, fset1(1.3981999507e-3f));
+  p = ffma(p, r, fset1(8.3334519073e-3f));
+  p = ffma(p, r, fset1(4.1665795894e-2f));
+  p = ffma(p, r, fset1(1.6666665459e-1f));
+  p = ffma(p, r, fset1(5.0000001201e-1f));
+  p = ffma(p, fmul(r, r), fadd(r, fset1(1.f)));
+  return fkeep_ge(x, lo, fmul(p, fpow2i(n)));
+}
+
+// ---------------------------------------------------------------- cache element loads
+
+template <KV T>
+QK_INLINE vf kv_load(const char* row, int64_t d) {  // kL values from element d, as fp32
+  if constexpr (T == KV::F32) return fload(reinterpret_cast<const float*>(row) + d);
+  else if constexpr (T == KV::BF16) return fload_bf16(reinterpret_cast<const uint16_t*>(row) + d);
+  else if constexpr (T == KV::F16) return fload_f16(reinterpret_cast<const uint16_t*>(row) + d);
+  else return fload_s8(reinterpret_cast<const uint8_t*>(row) + d);
+}
+
+template <KV T>
+QK_INLINE float kv_load1(const char* row, int64_t d) {
+  if constexpr (T == KV::F32) return reinterpret_cast<const float*>(row)[d];
+  else if constexpr (T == KV::BF16) return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[d]);
+  else if constexpr (T == KV::F16) return _cvtsh_ss(reinterpret_cast<const uint16_t*>(row)[d]);
+  else return float(reinterpret_cast<const int8_t*>(row)[d]);
+}
+
+// ---------------------------------------------------------------- one (row, head, query group)
+
+struct Args {
+  const void* q;
+  FT qt;
+  int64_t qsb, qsh, qst;  // q [B, H, T, D] strides in elements (d stride 1 is not required: read per element)
+  int64_t qsd;
+  const char* k;
+  const char* v;
+  int64_t ksb, ksh, kss, vsb, vsh, vss;  // in bytes
+  const float* kscale;  // int8 only: [B, H, S] with unit stride along S
+  const float* vscale;
+  int64_t kcb, kch, vcb, vch;  // scale strides in elements
+  const int64_t* len;  // [B, T] contiguous
+  int64_t B, H, T, D, S;
+  float scale;
+  void* out;  // [B, T, H, D] contiguous, dtype ot
+  FT ot;
+};
+
+// Scratch of one task, reused across tasks of a thread.
+struct Work {
+  int64_t Dp;  // padded row stride of q and o (a multiple of kL)
+  std::vector<float> q, o;  // [kMaxQ, Dp]
+  alignas(64) float s[kMaxQ][kBlock];
+  alignas(64) float p[kMaxQ][kBlock];   // softmax weights of the block (0 past each query's length)
+  alignas(64) float pv[kMaxQ][kBlock];  // int8: p times the value scale
+  float m[kMaxQ], l[kMaxQ];
+  int64_t n[kMaxQ];  // keys of the current block each query sees
+};
+
+// s[t][j] = q_t . k_j (q pre-scaled) for keys j0..j0+nb-1 and MT queries; int8 keys times their scale.
+template <KV T, int MT>
+QK_NO_PRE void block_scores(const char* kb, int64_t kss, const float* ksc, int64_t j0, int64_t nb, int64_t D,
+                            Work& w) {
+  const float* q = w.q.data();
+  const int64_t Dp = w.Dp;
+  for (int64_t j = 0; j < nb; ++j) {
+    const char* row = kb + (j0 + j) * kss;
+    vf acc0[MT], acc1[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) acc0[t] = fzero(), acc1[t] = fzero();
+    int64_t d = 0;
+    for (; d + 2 * kL <= D; d += 2 * kL) {
+      const vf k0 = kv_load<T>(row, d), k1 = kv_load<T>(row, d + kL);
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) {
+        acc0[t] = ffma(k0, fload(q + t * Dp + d), acc0[t]);
+        acc1[t] = ffma(k1, fload(q + t * Dp + d + kL), acc1[t]);
+      }
+    }
+    if (d + kL <= D) {
+      const vf k0 = kv_load<T>(row, d);
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) acc0[t] = ffma(k0, fload(q + t * Dp + d), acc0[t]);
+      d += kL;
+    }
+    const float sc = ksc ? ksc[j0 + j] : 1.f;
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      float r = freduce_add(fadd(acc0[t], acc1[t]));
+      for (int64_t e = d; e < D; ++e) r += q[t * Dp + e] * kv_load1<T>(row, e);
+      w.s[t][j] = r * sc;
+    }
+  }
+}
+
+// o[t][d0 .. d0 + NV kL) += sum_j p[t][j] * v_j[d0 ..] over keys j0..j0+nb-1; each value row read once.
+template <KV T, int MT, int NV>
+QK_NO_PRE void block_values_cols(const char* vb, int64_t vss, const float (*p)[kBlock], int64_t j0, int64_t nb,
+                                 int64_t d0, Work& w) {
+  float* o = w.o.data();
+  const int64_t Dp = w.Dp;
+  vf acc[MT][NV];
+#pragma GCC unroll 8
+  for (int t = 0; t < MT; ++t)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) acc[t][c] = fload(o + t * Dp + d0 + c * kL);
+  for (int64_t j = 0; j < nb; ++j) {
+    const char* row = vb + (j0 + j) * vss;
+    vf pj[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) pj[t] = fset1(p[t][j]);
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) {
+      const vf x = kv_load<T>(row, d0 + c * kL);
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) acc[t][c] = ffma(pj[t], x, acc[t][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < MT; ++t)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) fstore(o + t * Dp + d0 + c * kL, acc[t][c]);
+}
+
+template <KV T, int MT>
+void block_values(const char* vb, int64_t vss, const float (*p)[kBlock], int64_t j0, int64_t nb, int64_t D,
+                  Work& w) {
+  constexpr int NV = kAccRegs / MT > 0 ? kAccRegs / MT : 1;
+  int64_t d = 0;
+  for (; d + NV * kL <= D; d += NV * kL) block_values_cols<T, MT, NV>(vb, vss, p, j0, nb, d, w);
+  for (; d + kL <= D; d += kL) block_values_cols<T, MT, 1>(vb, vss, p, j0, nb, d, w);
+  for (; d < D; ++d)
+    for (int64_t j = 0; j < nb; ++j) {
+      const float x = kv_load1<T>(vb + (j0 + j) * vss, d);
+      for (int t = 0; t < MT; ++t) w.o[t * w.Dp + d] += p[t][j] * x;
+    }
+}
+
+// Online-softmax update of one block for query t: p[t] = exp(s - m'), rescale l and o by exp(m - m').
+inline void softmax_block(int t, int64_t nb, int64_t D, const float* vsc, int64_t j0, Work& w) {
+  const int64_t n = w.n[t], nv = (n + kL - 1) / kL * kL, nbv = (nb + kL - 1) / kL * kL;
+  float* s = w.s[t];
+  float* p = w.p[t];
+  if (n == 0) {
+    std::fill(p, p + nbv, 0.f);
+    if (vsc) std::fill(w.pv[t], w.pv[t] + nbv, 0.f);
+    return;
+  }
+  for (int64_t j = n; j < nv; ++j) s[j] = kNegInf;
+  vf mx = fset1(kNegInf);
+  for (int64_t j = 0; j < nv; j += kL) mx = fmax_(mx, fload(s + j));
+  const float m_new = std::max(w.m[t], freduce_max(mx));
+  const vf neg_m = fset1(-m_new);
+  vf sum = fzero();
+  for (int64_t j = 0; j < nv; j += kL) {
+    const vf e = fexp(fadd(fload(s + j), neg_m));
+    fstore(p + j, e);
+    sum = fadd(sum, e);
+  }
+  std::fill(p + nv, p + nbv, 0.f);
+  const float corr = w.m[t] == kNegInf ? 0.f : std::exp(w.m[t] - m_new);
+  w.l[t] = w.l[t] * corr + freduce_add(sum);
+  w.m[t] = m_new;
+  if (corr != 1.f) {
+    float* o = w.o.data() + t * w.Dp;
+    for (int64_t d = 0; d < D; ++d) o[d] *= corr;
+  }
+  if (vsc) {  // int8 values: fold each key's value scale into its weight
+    float* pv = w.pv[t];
+    for (int64_t j = 0; j < n; ++j) pv[j] = p[j] * vsc[j0 + j];
+    std::fill(pv + n, pv + nbv, 0.f);
+  }
+}
+
+template <KV T, int MT>
+QK_NO_PRE void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, Work& w) {
+  const int64_t D = a.D, Dp = w.Dp;
+  const char* kb = a.k + b * a.ksb + h * a.ksh;
+  const char* vb = a.v + b * a.vsb + h * a.vsh;
+  const float* ksc = a.kscale ? a.kscale + b * a.kcb + h * a.kch : nullptr;
+  const float* vsc = a.vscale ? a.vscale + b * a.vcb + h * a.vch : nullptr;
+  int64_t len[MT], longest = 0;
+  for (int t = 0; t < MT; ++t) {
+    len[t] = a.len[b * a.T + t0 + t];
+    longest = std::max(longest, len[t]);
+    w.m[t] = kNegInf, w.l[t] = 0.f;
+    for (int64_t d = 0; d < D; ++d)
+      w.q[t * Dp + d] = a.scale * ld1(a.q, a.qt, b * a.qsb + h * a.qsh + (t0 + t) * a.qst + d * a.qsd);
+    std::fill(w.o.begin() + t * Dp, w.o.begin() + (t + 1) * Dp, 0.f);
+  }
+  for (int64_t j0 = 0; j0 < longest; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, longest - j0);
+    block_scores<T, MT>(kb, a.kss, ksc, j0, nb, D, w);
+    int64_t seen = 0;  // keys of this block that any query sees
+    for (int t = 0; t < MT; ++t) {
+      w.n[t] = std::clamp<int64_t>(len[t] - j0, 0, nb);
+      seen = std::max(seen, w.n[t]);
+      softmax_block(t, nb, D, vsc, j0, w);
+    }
+    block_values<T, MT>(vb, a.vss, vsc ? w.pv : w.p, j0, seen, D, w);
+  }
+  for (int t = 0; t < MT; ++t) {
+    const float inv = w.l[t] > 0.f ? 1.f / w.l[t] : 0.f;
+    const int64_t base = ((b * a.T + t0 + t) * a.H + h) * D;
+    for (int64_t d = 0; d < D; ++d) st1(a.out, a.ot, base + d, w.o[t * Dp + d] * inv);
+  }
+}
+
+template <KV T>
+void attend_group_m(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t mt, Work& w) {
+  switch (mt) {
+    case 1: return attend_group<T, 1>(a, b, h, t0, w);
+    case 2: return attend_group<T, 2>(a, b, h, t0, w);
+    case 3: return attend_group<T, 3>(a, b, h, t0, w);
+    case 4: return attend_group<T, 4>(a, b, h, t0, w);
+    case 5: return attend_group<T, 5>(a, b, h, t0, w);
+    case 6: return attend_group<T, 6>(a, b, h, t0, w);
+    case 7: return attend_group<T, 7>(a, b, h, t0, w);
+    default: return attend_group<T, 8>(a, b, h, t0, w);
+  }
+}
+
+template <KV T>
+void attend_all(const Args& a) {
+  const int64_t groups = (a.T + kMaxQ - 1) / kMaxQ, per = (a.T + groups - 1) / groups;  // balanced groups
+  at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) {
+    Work w;
+    w.Dp = (a.D + kL - 1) / kL * kL;
+    w.q.assign(kMaxQ * w.Dp, 0.f);
+    w.o.assign(kMaxQ * w.Dp, 0.f);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t t0 = 0; t0 < a.T; t0 += per) attend_group_m<T>(a, i / a.H, i % a.H, t0, std::min(per, a.T - t0), w);
+  });
+}
+
+KV kv_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return KV::F32;
+    case at::kBFloat16: return KV::BF16;
+    case at::kHalf: return KV::F16;
+    case at::kChar: return KV::I8;
+    default: TORCH_CHECK(false, "k/v must be float32, bfloat16, float16 or int8, got ", t.scalar_type());
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                            const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu(), "q must be a 4-D CPU tensor [B, H, T, D]");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.device().is_cpu() && v.device().is_cpu(),
+              "k and v must be 4-D CPU tensors of the same shape [B, H, S, D]");
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "k/v [B, H, S, D] do not match q ", q.sizes());
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k/v need unit stride along D");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must have the same dtype");
+  const int64_t S = k.size(2);
+  const KV kind = kv_of(k);
+  Args a{};
+  a.q = q.data_ptr(), a.qt = ft_of(q, "q");
+  a.qsb = q.stride(0), a.qsh = q.stride(1), a.qst = q.stride(2), a.qsd = q.stride(3);
+  const int64_t eb = k.element_size();
+  a.k = static_cast<const char*>(k.data_ptr()), a.v = static_cast<const char*>(v.data_ptr());
+  a.ksb = k.stride(0) * eb, a.ksh = k.stride(1) * eb, a.kss = k.stride(2) * eb;
+  a.vsb = v.stride(0) * eb, a.vsh = v.stride(1) * eb, a.vss = v.stride(2) * eb;
+  if (kind == KV::I8) {
+    TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "an int8 cache needs k_scale and v_scale");
+    for (const at::Tensor* sc : {&*k_scale, &*v_scale})
+      TORCH_CHECK(sc->scalar_type() == at::kFloat && sc->dim() == 3 && sc->size(0) == B && sc->size(1) == H &&
+                      sc->size(2) == S && sc->stride(2) == 1 && sc->device().is_cpu(),
+                  "k_scale/v_scale must be float32 [B, H, S] with unit stride along S");
+    a.kscale = k_scale->data_ptr<float>(), a.vscale = v_scale->data_ptr<float>();
+    a.kcb = k_scale->stride(0), a.kch = k_scale->stride(1), a.vcb = v_scale->stride(0), a.vch = v_scale->stride(1);
+  } else {
+    TORCH_CHECK(!k_scale.has_value() && !v_scale.has_value(), "scales are for an int8 cache only");
+  }
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 2 && lengths.size(0) == B &&
+                  lengths.size(1) == T && lengths.is_contiguous(),
+              "lengths must be a contiguous int64 tensor [B, T]");
+  a.len = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(a.len[i] >= 0 && a.len[i] <= S, "lengths must lie in [0, S = ", S, "], got ", a.len[i]);
+  a.B = B, a.H = H, a.T = T, a.D = D, a.S = S, a.scale = static_cast<float>(scale);
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  a.out = out.data_ptr(), a.ot = ft_of(out, "out");
+  if (B * H * T * D == 0) return out;
+  switch (kind) {
+    case KV::F32: attend_all<KV::F32>(a); break;
+    case KV::BF16: attend_all<KV::BF16>(a); break;
+    case KV::F16: attend_all<KV::F16>(a); break;
+    case KV::I8: attend_all<KV::I8>(a); break;
+  }
+  return out;
+}
+
+}  // namespace QK_NS
