@@ -201,3 +201,29 @@ def test_model_methods_delegate(model, tok):
     assert model.generate([1, 2], do_sample=False, max_new_tokens=3) == generate_ids(
         model, [1, 2], tokenizer=tok, do_sample=False, max_new_tokens=3
     )
+
+
+def test_batch_prefills_a_shared_prefix_once(model, tok, monkeypatch):
+    system = list(range(2000, 2040))  # longer than seq_length 32: NTK and logn are active in the prefix
+    prompts = [system + [5, 6], system + list(range(300, 309)), system + [7]]
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    fed: list[int] = []
+    forward = type(model).forward
+
+    def counting(self, input_ids, *args, **kwargs):
+        fed.append(input_ids.numel())
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    gen = TokenGenerator(model, prompts, params, valid_vocab_size=VALID_VOCAB)
+    gen.step()
+    assert gen.shared == 40 and fed[0] == 40  # the prefix once, in one row
+    assert fed[1] == 3 * (len(prompts[1]) - 40)  # then only the rest, batched
+    monkeypatch.setattr(type(model), "forward", forward)
+    batch = generate_batch(model, tok, prompts, params)
+    for prompt, result in zip(prompts, batch, strict=True):
+        assert result.token_ids == generate(model, tok, prompt, params).token_ids
+    # Rows that share less than MIN_SHARED_PREFIX tokens are prefilled together as before.
+    gen = TokenGenerator(model, [[1] * 10 + [2], [1] * 10 + [3]], params, valid_vocab_size=VALID_VOCAB)
+    gen.step()
+    assert gen.shared == 0

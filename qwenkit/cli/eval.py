@@ -64,13 +64,22 @@ def main_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    settings = {"model": str(args.model), "dtype": dtype, "quantize": args.quantize}
+    dtype = str(model.dtype).removeprefix("torch.")
+    weights = _weight_precision(model)  # also a checkpoint stored quantized (qwenkit int4/int8, GPTQ)
+    settings = {"model": str(args.model), "dtype": dtype, "quantize": args.quantize, "weights": weights}
     _, text = evaluate(
         model, tokenizer, args.task, data_dir=args.data, subjects=args.subjects, limit=args.limit,
         out_dir=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
         timeout=args.timeout, overwrite=args.overwrite, settings=settings,
-        precision=precision_name(dtype, args.quantize), progress=not args.no_progress,
+        precision=precision_name(dtype, weights), progress=not args.no_progress,
     )  # fmt: skip
     print(text)
     return 0
+
+
+def _weight_precision(model) -> str | None:
+    """"int8"/"int4" when the loaded linear layers are quantized (the smallest width present), else None."""
+    from ..quant.linear import QuantizedLinear
+
+    bits = [m.bits for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return f"int{min(bits)}" if bits else None

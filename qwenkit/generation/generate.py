@@ -27,6 +27,9 @@ FinishReason = Literal["stop", "length"]
 MAX_CONTEXT = 32768
 # Long prompts are prefilled in chunks so attention scores stay small ([H, chunk, keys] per row).
 PREFILL_CHUNK = 1024
+# A batch prefills the prefix all its prompts share once when it is at least this long (below, the extra
+# forward and the copies cost more than they save).
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -98,6 +101,7 @@ class TokenGenerator:
             raise ValueError(f"a prefix cache serves one prompt at a time, got {len(prompts)} prompts")
         self.prefix = prefix if prefix is not None and prefix.acquire() else None  # busy: do without
         self.reused = 0  # leading prompt positions taken from the prefix cache
+        self.shared = 0  # leading positions all rows share, prefilled once (set by the prefill)
         if self.prefix is not None:
             self.cache, self.reused = self.prefix.take(model, prompts[0], alphas[0], max(self.limits))
         else:
@@ -166,9 +170,10 @@ class TokenGenerator:
     def _prefill(self) -> torch.Tensor:
         bsz, longest = len(self.prompts), max(self.prompt_lengths)
         ids = _right_pad(self.prompts, 0).to(self.device)
+        self.shared = self._prefill_shared_prefix(ids)
         last = torch.tensor(self.prompt_lengths, device=self.device) - 1  # [B] index of each row's last token
         logits = torch.empty((bsz, self.model.config.vocab_size), device=self.device)
-        for start in range(self.reused, longest, PREFILL_CHUNK):
+        for start in range(max(self.reused, self.shared), longest, PREFILL_CHUNK):
             chunk = ids[:, start : start + PREFILL_CHUNK]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device).expand(bsz, -1)
             index = (last - start).clamp(0, chunk.shape[1] - 1)
@@ -178,6 +183,30 @@ class TokenGenerator:
         if self.prefix is not None:
             self.prefix.record(self.prompts[0][self.reused :])
         return logits
+
+    def _prefill_shared_prefix(self, ids: torch.Tensor) -> int:
+        """Prefill the leading tokens all rows share (a system prompt, an eval template) once, in row 0, and copy
+        its keys/values to the other rows; return how many positions that covers (0: not worth it). Exact: those
+        positions hold the same tokens under the same NTK alpha in every row. Each row keeps at least its last
+        token for the batched prefill, which gives its logits."""
+        if len(self.prompts) < 2 or self.reused or bool((self.alpha != self.alpha[0]).any()):
+            return 0
+        shared = min(self.prompt_lengths) - 1
+        differs = (ids[:, :shared] != ids[:1, :shared]).any(0).nonzero()
+        if len(differs):
+            shared = int(differs[0])
+        if shared < MIN_SHARED_PREFIX:
+            return 0
+        row0 = self.cache.rows(0, 1)
+        for start in range(0, shared, PREFILL_CHUNK):
+            chunk = ids[:1, start : min(shared, start + PREFILL_CHUNK)]
+            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            end = torch.tensor([chunk.shape[1] - 1], device=self.device)
+            self.model(chunk, positions, row0, self.alpha[:1], output_index=end)  # only the cache is wanted
+        block = self.cache.read(0, 0, shared)
+        for row in range(1, len(self.prompts)):
+            self.cache.write(row, 0, block)
+        return shared
 
     def _decode(self) -> torch.Tensor:
         assert self.last_tokens is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qwenkit.cli.commands import main
-from qwenkit.eval import ceval, data, evaluate, mmlu, runner
+from qwenkit.eval import ceval, data, evaluate, mmlu, precision_name, runner
 from qwenkit.eval.task import Question
 
 SUBJECT_ROWS = [["What is 1+1?", "1", "2", "3", "None", "B"], ["Pick B", "x", "y", "z", "w", "B"]]
@@ -163,3 +163,16 @@ def test_unknown_subject_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_question_ids_are_stable() -> None:
     assert Question("a", "s", "p", "B").meta == {}
+
+
+def test_a_checkpoint_stored_quantized_is_reported_as_such(tiny_dir: Path, tmp_path: Path) -> None:
+    int4 = tmp_path / "tiny-int4"
+    assert main(["quantize", "-m", str(tiny_dir), "--to", "int4", "-o", str(int4)]) == 0
+    root = write_fixtures(tmp_path / "data")
+    argv = ["eval", "-m", str(int4), "--task", "mmlu", "--data", str(root / "mmlu/data"), "--out",
+            str(tmp_path / "out"), "--max-new-tokens", "2", "--no-progress", "--subjects", "abstract_algebra"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "mmlu" / "summary.json").read_text())
+    assert summary["settings"]["weights"] == "int4" and summary["settings"]["quantize"] is None
+    # the card row a 1.8B run would be compared with
+    assert precision_name("float32", "int4") == "Int4" and precision_name("bfloat16", None) == "BF16"
