@@ -215,7 +215,8 @@ def _run_finetune(
     from ..train.loop import train
     from ..train.setup import load_for_training
 
-    model, tokenizer = load_for_training(args.model, config.method, dtype=args.dtype, device=args.device)
+    device = _process_device(args.device)
+    model, tokenizer = load_for_training(args.model, config.method, dtype=args.dtype, device=device)
     data = _preprocess(train_convs, tokenizer, config, args.data, main)
     eval_data = _preprocess(eval_convs, tokenizer, config, args.eval_data, main) if eval_convs else None
     result = train(
@@ -239,6 +240,19 @@ def _run_finetune(
             f"Wrote the {what} to {args.out} ({result.steps} steps{loss}); chat with it: qwenkit chat {use}"
         )
     return 0
+
+
+def _process_device(device: str) -> str:
+    """Under torchrun, "auto" means this process's own GPU (LOCAL_RANK), as DDP with NCCL expects."""
+    local = os.environ.get("LOCAL_RANK")
+    if device != "auto" or local is None:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    torch.cuda.set_device(int(local))
+    return f"cuda:{local}"
 
 
 def _preprocess(convs: list, tokenizer: Any, config: Any, path: str, main: bool) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from qwenkit.checkpoints.adapter_files import read_adapter
 from qwenkit.checkpoints.loading import load
+from qwenkit.checkpoints.lora import LoraSpec, add_lora, route_frozen_linears
 from qwenkit.checkpoints.synthetic import make_checkpoint
 from qwenkit.cli import main
 from qwenkit.train.state import STATE_FILE
@@ -128,6 +129,27 @@ def test_torchrun_two_processes_save_one_adapter(ckpt, data_file, tmp_path):
     assert run.stderr.count("step 2/2") == 1  # rank 0 reports
     assert [p.parent for p in out.rglob("adapter_config.json")] == [out]
     assert not torch.allclose(_logits(ckpt, lora=out), _logits(ckpt))
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_frozen_lm_head_gradient_equals_autograd(ckpt, quantize):
+    """The routed frozen layers (lm_head here) pass the input gradient plain autograd would, names unchanged."""
+    model = load(ckpt, quantize=quantize)[0]
+    add_lora(model, LoraSpec(r=4, lora_dropout=0.0, target_modules=("c_attn",)))
+    names = set(model.state_dict())
+    x = torch.randn(3, 5, model.config.hidden_size, requires_grad=True)
+    plain = model.lm_head(x)
+    upstream = torch.randn(plain.shape)  # a loss linear in the output: the gradient does not depend on it
+    (expected,) = torch.autograd.grad((plain * upstream).sum(), x)
+    assert route_frozen_linears(model) == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.w1",
+        "transformer.h.0.mlp.w2", "transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_proj",
+        "transformer.h.1.mlp.w1", "transformer.h.1.mlp.w2", "transformer.h.1.mlp.c_proj", "lm_head"]  # fmt: skip
+    routed = model.lm_head(x)
+    (got,) = torch.autograd.grad((routed * upstream).sum(), x)
+    # int4: without autograd the forward takes the fast int4 kernel, with it the dequantize reference.
+    torch.testing.assert_close(routed, plain, atol=1e-5 if quantize is None else 1e-3, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    assert set(model.state_dict()) == names
 
 
 def _error(capsys, *argv: str) -> str:
