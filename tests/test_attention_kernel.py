@@ -3,8 +3,10 @@ reference math, and the model with the kernel against the model without it.
 
 Reference: SDPA in fp64 over the values the cache holds (bf16/fp16 widened, int8 dequantized with its scales), so
 the int8 case checks that the kernel applies the scales exactly, not the quantizer. Tolerances (outputs are
-softmax averages of N(0, 1) values, |out| < ~4): fp32 math, max abs error <= 2e-5 at every length from 1 to
-9,000 keys (measured <= ~4e-7); bf16 queries give a bf16 output, held to bf16 rounding (2**-8 relative). The
+softmax averages of N(0, 1) values, |out| < ~4): fp32/bf16/fp16 caches, max abs error <= 2e-5 at every length
+from 1 to 9,000 keys (measured <= ~4e-7); int8 caches <= 2e-4 (q is quantized to int16 per row for the int32 key
+dot products: score error ~|q|max * sum|k| / 65534; measured <= 7e-5, against ~1e-2 for the int8 cache's own
+rounding); bf16 queries give a bf16 output, held to bf16 rounding (2**-8 relative). The
 kernel tests run once per kernel set this CPU executes (avx512 is skipped on an AVX2-only machine) and are
 skipped where the extension does not build; the fallback tests run everywhere.
 """
@@ -25,6 +27,7 @@ FAST = cpu.available()
 BUILT = [name for name in RUNNABLE if FAST and cpu.ops_for(name) is not None]
 needs_fast = pytest.mark.skipif(not BUILT, reason="qwenkit C++ CPU kernels not built here")
 ATOL = 2e-5
+ATOL_INT8 = 2e-4
 LENGTHS = [1, 2, 63, 64, 65, 1000, 4097, 9000]
 KINDS = ["fp32", "bf16", "fp16", "int8"]
 
@@ -79,7 +82,8 @@ def test_kernel_equals_sdpa(kset, kind, s):
         out = cpu.decode_attention(q, k, v, lengths, ks, vs)
         assert out is not None and out.shape == q.shape and out.dtype == q.dtype
         err = (out.double() - _expected(q, exact, lengths)).abs().max().item()
-        assert err <= ATOL, f"{kset} {kind} S={s} T={t}: max abs error {err:.2e}"
+        tol = ATOL_INT8 if kind == "int8" else ATOL
+        assert err <= tol, f"{kset} {kind} S={s} T={t}: max abs error {err:.2e}"
 
 
 @needs_fast
@@ -96,7 +100,8 @@ def test_kernel_masks_padded_rows_and_many_queries(kset, kind):
         out = cpu.decode_attention(q, k, v, lengths, ks, vs)
         assert (out[1] == 0).all()
         err = (out.double() - _expected(q, exact, lengths)).abs().max().item()
-        assert err <= ATOL, f"{kset} {kind} D={d} T={t}: max abs error {err:.2e}"
+        tol = ATOL_INT8 if kind == "int8" else ATOL
+        assert err <= tol, f"{kset} {kind} D={d} T={t}: max abs error {err:.2e}"
 
 
 @needs_fast
@@ -108,7 +113,9 @@ def test_kernel_reads_cache_views(kset, kind):
     cache = KVCache(2, 3, 4, 512, 64, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     positions = torch.stack([torch.arange(0, 200), torch.arange(0, 200), torch.arange(0, 200)])
-    cache.write_tokens(1, positions, torch.randn(3, 4, 200, 64, generator=gen), torch.randn(3, 4, 200, 64))
+    cache.write_tokens(
+        1, positions, torch.randn(3, 4, 200, 64, generator=gen), torch.randn(3, 4, 200, 64, generator=gen)
+    )
     k, v, *scales = cache.layer_view(1, 3, 200)
     exact = (
         (kernels.dequantize_int8_rows(k, scales[0]), kernels.dequantize_int8_rows(v, scales[1]))
@@ -120,7 +127,8 @@ def test_kernel_reads_cache_views(kset, kind):
     lengths = torch.tensor([[200], [7], [1]])
     out = cpu.decode_attention(q, k, v, lengths, *scales)
     ref = _expected(q, exact, lengths)
-    torch.testing.assert_close(out.double(), ref.to(torch.bfloat16).double(), rtol=2**-8, atol=ATOL)
+    atol = ATOL_INT8 if kind == "int8" else ATOL
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=atol)  # bf16 rounding: <= 2**-9 relative
 
 
 @needs_fast
@@ -192,8 +200,9 @@ def _decode_logits(model, kind):
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 def test_model_with_kernel_equals_without(make_tiny_model, monkeypatch, kind):
     """Greedy ids identical with the kernel and with the dispatcher's SDPA path (prompts of different lengths, a
-    prompt crossing seq_length: NTK + logn); decode logits within 1e-4 (fp32/int8 caches; bf16: the SDPA path
-    runs in bf16, so 2e-2)."""
+    prompt crossing seq_length: NTK + logn); decode logits (std ~1) within 1e-4 for the fp32 cache, 5e-3 for
+    int8 (the kernel's int16 q; measured 1.7e-3, against 0.024 between the int8 and fp32 caches) and 2e-2 for
+    bf16 (the SDPA path runs in bf16)."""
     model = make_tiny_model(seq_length=64)
     prompts = [list(range(5, 45)), list(range(100, 170)), [7, 8, 9]]
     calls = []
@@ -204,5 +213,5 @@ def test_model_with_kernel_equals_without(make_tiny_model, monkeypatch, kind):
     monkeypatch.setattr(cpu, "decode_attention", lambda *a: None)
     without, logits_sdpa = _greedy(model, prompts, kind), _decode_logits(model, kind)
     assert with_kernel == without
-    tol = 2e-2 if kind == "bf16" else 1e-4
+    tol = {"fp32": 1e-4, "int8": 5e-3, "bf16": 2e-2}[kind]
     assert (logits_kernel - logits_sdpa).abs().max().item() <= tol
