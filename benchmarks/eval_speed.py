@@ -1,5 +1,8 @@
 """Questions/s of `qwenkit eval --task mmlu` (batched) against a serial `model.chat` loop (the official way).
 
+The serial loop calls `model.chat` without prefix reuse between questions, as the official remote-code model
+does (qwenkit's own `model.chat` would reuse the shared system prompt and instruction).
+
 Writes MMLU-shaped fixture questions (the real data cannot be downloaded here), loads the model once per
 precision, runs the serial loop and the batched runner on the same questions with the same greedy settings,
 and prints q/s, the speed-up and how many responses agree. Run it alone (heavy):
@@ -66,8 +69,12 @@ def main() -> None:
             ]
             start = time.perf_counter()
             serial = {
-                r["id"]: model.chat(
-                    tokenizer, r["prompt"], history=None, **eval_settings(args.max_new_tokens)
+                r["id"]: model.chat(  # no prefix reuse between questions: the official model.chat
+                    tokenizer,
+                    r["prompt"],
+                    history=None,
+                    prefix_cache=False,
+                    **eval_settings(args.max_new_tokens),
                 )[0]
                 for r in records
             }
