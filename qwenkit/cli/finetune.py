@@ -235,10 +235,9 @@ def _run_finetune(
     if main:
         what = "checkpoint" if config.method == "full" else "LoRA adapter"
         use = f"-m {args.out}" if config.method == "full" else f"-m {args.model} --lora {args.out}"
+        steps = f"{result.steps} step" + ("" if result.steps == 1 else "s")
         loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-        print(
-            f"Wrote the {what} to {args.out} ({result.steps} steps{loss}); chat with it: qwenkit chat {use}"
-        )
+        print(f"Wrote the {what} to {args.out} ({steps}{loss}); chat with it: qwenkit chat {use}")
     return 0
 
 
