@@ -72,6 +72,9 @@ QK_INLINE vf fexp(vf x) {
 // ---------------------------------------------------------------- cache element loads
 
 template <KV T>
+constexpr int64_t kv_bytes() { return T == KV::F32 ? 4 : T == KV::I8 ? 1 : 2; }
+
+template <KV T>
 QK_INLINE vf kv_load(const char* row, int64_t d) {  // kL values from element d, as fp32
   if constexpr (T == KV::F32) return fload(reinterpret_cast<const float*>(row) + d);
   else if constexpr (T == KV::BF16) return fload_bf16(reinterpret_cast<const uint16_t*>(row) + d);
@@ -119,6 +122,8 @@ struct Work {
   float m[kMaxQ], l[kMaxQ];
   int64_t n[kMaxQ];  // keys of the current block each query sees
   int64_t j0;        // first key of the current block
+  const char* vb;    // value rows of this (row, head), for the prefetch
+  int64_t vss, row_bytes;
 };
 
 // s[t][j] = q_t . k_j for KB keys from j and MT queries (q pre-scaled); int8 keys times their scale. One fp32
@@ -193,17 +198,30 @@ QK_INLINE void key_scores_i8(const char* kb, int64_t kss, const float* ksc, int6
   }
 }
 
+// Software prefetch of n cache rows from row j (every 64-byte line of each). The score pass reads KB rows at a
+// time, interleaved, and the value pass a block of rows after it; the hardware prefetchers alone left the int8
+// cache at 5.0 GB/s from memory (1 thread, Zen 3; 7.5 with this; fp32 7.2 -> 8.0; torch.sum ~10-12 then).
+QK_INLINE void prefetch_rows(const char* base, int64_t stride, int64_t j, int64_t n, int64_t row_bytes) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(base + (j + i) * stride + off, _MM_HINT_T0);
+}
+
+// Scores of one block; meanwhile the value rows of this block and the key rows of the next one are prefetched.
 template <KV T, int MT>
 QK_NO_PRE void block_scores(const char* kb, int64_t kss, const float* ksc, int64_t nb, int64_t D, Work& w) {
   constexpr int KB = kAccRegs / MT > 0 ? kAccRegs / MT : 1;
   const int64_t j1 = w.j0 + nb;
   int64_t j = w.j0;
-  if constexpr (T == KV::I8) {
-    for (; j + KB <= j1; j += KB) key_scores_i8<MT, KB>(kb, kss, ksc, j, D, w);
-    for (; j < j1; ++j) key_scores_i8<MT, 1>(kb, kss, ksc, j, D, w);
-  } else {
-    for (; j + KB <= j1; j += KB) key_scores<T, MT, KB>(kb, kss, ksc, j, D, w);
-    for (; j < j1; ++j) key_scores<T, MT, 1>(kb, kss, ksc, j, D, w);
+  for (; j + KB <= j1; j += KB) {
+    prefetch_rows(w.vb, w.vss, j, KB, w.row_bytes);
+    prefetch_rows(kb, kss, j + kBlock, KB, w.row_bytes);
+    if constexpr (T == KV::I8) key_scores_i8<MT, KB>(kb, kss, ksc, j, D, w);
+    else key_scores<T, MT, KB>(kb, kss, ksc, j, D, w);
+  }
+  for (; j < j1; ++j) {
+    prefetch_rows(w.vb, w.vss, j, 1, w.row_bytes);
+    if constexpr (T == KV::I8) key_scores_i8<MT, 1>(kb, kss, ksc, j, D, w);
+    else key_scores<T, MT, 1>(kb, kss, ksc, j, D, w);
   }
 }
 
@@ -236,18 +254,29 @@ QK_NO_PRE void block_values_cols(const char* vb, int64_t vss, const float (*p)[k
     for (int c = 0; c < NV; ++c) fstore(o + t * Dp + d0 + c * kL, acc[t][c]);
 }
 
+// Columns d.. of the value pass in strips of NV vectors, then narrower strips, then a scalar tail.
+template <KV T, int MT, int NV>
+void block_values_from(const char* vb, int64_t vss, const float (*p)[kBlock], int64_t j0, int64_t nb, int64_t d,
+                       int64_t D, Work& w) {
+  for (; d + NV * kL <= D; d += NV * kL) block_values_cols<T, MT, NV>(vb, vss, p, j0, nb, d, w);
+  if constexpr (NV > 1) {
+    block_values_from<T, MT, NV / 2>(vb, vss, p, j0, nb, d, D, w);
+  } else {
+    for (; d < D; ++d)
+      for (int64_t j = 0; j < nb; ++j) {
+        const float x = kv_load1<T>(vb + (j0 + j) * vss, d);
+        for (int t = 0; t < MT; ++t) w.o[t * w.Dp + d] += p[t][j] * x;
+      }
+  }
+}
+
+// One query: a whole 128-wide row per strip (16 accumulators on avx2, a few spilled) beat two strips of 8 by
+// ~10% from memory: each value row is then read in one go.
 template <KV T, int MT>
 void block_values(const char* vb, int64_t vss, const float (*p)[kBlock], int64_t j0, int64_t nb, int64_t D,
                   Work& w) {
-  constexpr int NV = kAccRegs / MT > 0 ? kAccRegs / MT : 1;
-  int64_t d = 0;
-  for (; d + NV * kL <= D; d += NV * kL) block_values_cols<T, MT, NV>(vb, vss, p, j0, nb, d, w);
-  for (; d + kL <= D; d += kL) block_values_cols<T, MT, 1>(vb, vss, p, j0, nb, d, w);
-  for (; d < D; ++d)
-    for (int64_t j = 0; j < nb; ++j) {
-      const float x = kv_load1<T>(vb + (j0 + j) * vss, d);
-      for (int t = 0; t < MT; ++t) w.o[t * w.Dp + d] += p[t][j] * x;
-    }
+  constexpr int NV = MT == 1 ? 16 : (kAccRegs / MT > 0 ? kAccRegs / MT : 1);
+  block_values_from<T, MT, NV>(vb, vss, p, j0, nb, 0, D, w);
 }
 
 // Online-softmax update of one block for query t: p[t] = exp(s - m'), rescale l and o by exp(m - m').
@@ -293,6 +322,7 @@ QK_NO_PRE void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, Wor
   const char* vb = a.v + b * a.vsb + h * a.vsh;
   const float* ksc = a.kscale ? a.kscale + b * a.kcb + h * a.kch : nullptr;
   const float* vsc = a.vscale ? a.vscale + b * a.vcb + h * a.vch : nullptr;
+  w.vb = vb, w.vss = a.vss, w.row_bytes = D * kv_bytes<T>();
   int64_t len[MT], longest = 0;
   for (int t = 0; t < MT; ++t) {
     len[t] = a.len[b * a.T + t0 + t];
