@@ -2,7 +2,7 @@
 
     python benchmarks/long_context.py ttft   -m /work/ckpt/1.8b --threads 2   # 10th chat turn, ~2,000 history tokens
     python benchmarks/long_context.py server -m /work/ckpt/1.8b --threads 2   # 8 requests, shared 1,000-token system
-    python benchmarks/long_context.py decode -m /work/ckpt/1.8b --threads 2 --quantize int4 --contexts 1 2048 8192
+    python benchmarks/long_context.py decode -m /work/ckpt/1.8b-int4 --threads 2 --label int4 --gen 8
 
 Each prints one JSON line per figure. Memory at 8,192 positions: `qwenkit bench --kv-cache int8` (the card's case).
 """
@@ -88,21 +88,42 @@ def server(model, tok, args) -> None:
 
 @torch.inference_mode()
 def decode(model, tok, args) -> None:
-    """Decode tok/s at the end of a context of each length (cache filled with finite values; speed only)."""
+    """Decode tok/s (forward passes, no sampling) at the end of a context of each length, per cache kind.
+
+    The cache is not prefilled (a 16k prefill takes many minutes on 2 cores): it is allocated zeroed (every page
+    written, so resident) and the measured steps attend to all `ctx` positions, as at the end of a real context;
+    attention does the same work whatever the values. NTK alpha and logn follow the context length.
+    `--attention sdpa` turns the decode kernel off (the dispatcher's PyTorch path) for comparison.
+    """
+    from qwenkit.kernels import cpu, describe_cpu
+
+    if args.attention == "sdpa":
+        cpu.decode_attention = lambda *a, **k: None  # the dispatcher then runs SDPA (int8: dequantized window)
+    print(json.dumps({"cpu": describe_cpu(), "threads": torch.get_num_threads(), "attention": args.attention}))
+    rows = []
     for kind in args.kv_caches:
         for ctx in args.contexts:
-            steps = args.gen
-            cache = model.new_cache(1, ctx + steps, dtype=kind)
+            cache = model.new_cache(1, ctx + args.warmup + args.gen, dtype=kind)
             alpha = model.ntk_alpha(ctx)
             ids = torch.tensor([[100]])
-            model(ids, torch.tensor([[0]]), cache, alpha)  # warm-up
-            start = time.perf_counter()
-            for pos in range(ctx, ctx + steps):
+            for pos in range(ctx, ctx + args.warmup):
                 model(ids, torch.tensor([[pos]]), cache, alpha)
-            tok_s = steps / (time.perf_counter() - start)
-            print(json.dumps({"case": "decode", "weights": args.quantize or args.dtype, "kv_cache": kind,
-                              "context": ctx, "tok_s": round(tok_s, 2)}), flush=True)  # fmt: skip
+            start = time.perf_counter()
+            for pos in range(ctx + args.warmup, ctx + args.warmup + args.gen):
+                model(ids, torch.tensor([[pos]]), cache, alpha)
+            tok_s = args.gen / (time.perf_counter() - start)
+            row = {"case": "decode", "weights": args.quantize or args.label or args.dtype, "kv_cache": kind,
+                   "context": ctx, "alpha": alpha, "attention": args.attention, "tok_s": round(tok_s, 2)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
             del cache
+    print("| weights | KV cache | " + " | ".join(f"ctx {c}" for c in args.contexts) + " | ratio at 8k |")
+    print("|---|---|" + "---|" * (len(args.contexts) + 1))
+    for kind in args.kv_caches:
+        speed = {r["context"]: r["tok_s"] for r in rows if r["kv_cache"] == kind}
+        ratio = f"{speed[8192] / speed[1]:.2f}" if 8192 in speed and 1 in speed else "-"
+        cells = " | ".join(f"{speed[c]:.2f}" for c in args.contexts)
+        print(f"| {rows[0]['weights']} | {kind} | {cells} | {ratio} |")
 
 
 def main() -> None:
@@ -114,8 +135,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-cache", default=None, help="cache kind for ttft/server (default fp32 on CPU)")
     p.add_argument("--kv-caches", nargs="+", default=["fp32", "int8"], help="cache kinds for decode")
-    p.add_argument("--contexts", nargs="+", type=int, default=[1, 2048, 8192])
+    p.add_argument("--contexts", nargs="+", type=int, default=[1, 2048, 8192, 16384])
     p.add_argument("--gen", type=int, default=16, help="decode steps per figure / tokens per server request")
+    p.add_argument("--warmup", type=int, default=2, help="decode steps before the timed ones")
+    p.add_argument("--attention", choices=["kernel", "sdpa"], default="kernel", help="decode attention path")
+    p.add_argument("--label", default=None, help="name of the weights in the table (default: dtype/quantize)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, dtype=args.dtype, quantize=args.quantize, kv_cache_dtype=args.kv_cache,
