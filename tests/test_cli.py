@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_terminal_session(demo):
     child = pexpect.spawn(
         sys.executable, ["-m", "qwenkit", "chat", "-m", str(demo), "--max-new-tokens", "100000", "--greedy"],
         encoding="utf-8", timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C live even if the runner ignores it
     )  # fmt: skip
     try:
         child.expect("Type :help")

@@ -94,13 +94,17 @@ def test_chat_with_lora(ckpt, adapter):
     cmd = [*QWENKIT, "chat", "-m", str(ckpt), "--lora", str(adapter), "--greedy", "--max-new-tokens", "6"]
     run = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, env=ENV)
     assert run.returncode == 0, run.stderr
-    assert len(run.stdout.splitlines()) == 1
+    # one answer (a random model's text may itself hold newlines); parity is checked through `generate` above
+    assert run.stdout.strip() and "Traceback" not in run.stderr
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resume_continues(ckpt, data_file, tmp_path):
     out = tmp_path / "run"
     args = ["finetune", "-m", str(ckpt), "--data", str(data_file), "--out", str(out), *FAST, "--epochs", "100"]
-    proc = subprocess.Popen([*QWENKIT, *args], stderr=subprocess.PIPE, text=True, env=ENV)
+    # SIGINT as a terminal delivers it, even when the test runner itself was started with SIGINT ignored
+    # (a background job of a non-interactive shell): Python then installs no KeyboardInterrupt handler.
+    proc = subprocess.Popen([*QWENKIT, *args], stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     lines = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
