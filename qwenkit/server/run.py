@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -149,4 +150,11 @@ def serve(args: argparse.Namespace) -> int:
     if options.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         LOG.warning("listening on %s without --api-key", args.host)
     server[0].run()
-    return 1 if failures or server[0].forced else 0
+    if server[0].forced:
+        # "At once": do not wait in interpreter shutdown for the engine thread, which may be inside a torch op
+        # (finalizing under it aborted the process with SIGABRT).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return 1 if failures else 0
