@@ -24,6 +24,7 @@ from .generation.generate import TokenGenerator
 from .generation.sampling import SamplingParams
 from .kernels import describe_cpu
 from .model.transformer import QWenLMHeadModel
+from .quant import weight_precision
 
 ENCODE_TOKENS = 2048
 GENERATE_CONTEXT = 8192
@@ -182,8 +183,7 @@ def run_bench(
     path = str(model) if model else str(default_checkpoint())
     net = _load(path, dtype, device, quantize, kv_cache)
     dev = net.device
-    stored = (net.config.quantization_config or {}).get("bits")  # a quantized checkpoint's own scheme
-    result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), quantize or (stored and f"int{stored}"), threads,
+    result = BenchResult(path, str(dev), str(net.dtype).replace("torch.", ""), weight_precision(net), threads,
                          gen_tokens, prompt_tokens)  # fmt: skip
     result.kv_cache = kv_cache
     if dev.type == "cpu":

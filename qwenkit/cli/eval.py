@@ -54,6 +54,7 @@ def main_eval(args: argparse.Namespace) -> int:
 
     from ..checkpoints.loading import load
     from ..eval import evaluate, precision_name
+    from ..quant import weight_precision
 
     for name in ("limit", "batch_size", "max_new_tokens", "threads"):
         value = getattr(args, name)
@@ -65,7 +66,7 @@ def main_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     dtype = str(model.dtype).removeprefix("torch.")
-    weights = _weight_precision(model)  # also a checkpoint stored quantized (qwenkit int4/int8, GPTQ)
+    weights = weight_precision(model)  # also a checkpoint stored quantized (qwenkit int4/int8, GPTQ)
     settings = {"model": str(args.model), "dtype": dtype, "quantize": args.quantize, "weights": weights}
     _, text = evaluate(
         model, tokenizer, args.task, data_dir=args.data, subjects=args.subjects, limit=args.limit,
@@ -75,11 +76,3 @@ def main_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(text)
     return 0
-
-
-def _weight_precision(model) -> str | None:
-    """"int8"/"int4" when the loaded linear layers are quantized (the smallest width present), else None."""
-    from ..quant.linear import QuantizedLinear
-
-    bits = [m.bits for m in model.modules() if isinstance(m, QuantizedLinear)]
-    return f"int{min(bits)}" if bits else None

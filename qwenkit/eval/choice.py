@@ -7,7 +7,9 @@ this module only runs them in order exactly as `extract_choice` does.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from .task import Question, Record
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -40,3 +42,15 @@ def extract_choice(gen: str, patterns: Sequence[re.Pattern[str]], choice_list: S
     """The regex cascade, then the fuzzy fallback (the official `extract_choice`)."""
     found = first_match(patterns, gen)
     return found if found is not None else fuzzy_choice(gen, choice_list)
+
+
+def letter_scorer(
+    extract_answer: Callable[[str, Mapping[str, str]], str],
+) -> Callable[[Question, str], Record]:
+    """A task's `score`: the letter `extract_answer` reads from the response, right when it equals the gold one."""
+
+    def score(question: Question, response: str) -> Record:
+        pred = extract_answer(response, question.meta)
+        return {"pred": pred, "correct": pred == question.gold}
+
+    return score

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .choice import CHOICES, extract_choice, options_text
+from .choice import CHOICES, extract_choice, letter_scorer, options_text
 from .data import find_data, load_hub, read_csv
 from .task import LoadOptions, Question, Record, Task, percent, select_subjects, take
 
@@ -113,11 +113,6 @@ def _questions(subject: str, rows: list[dict[str, str]]) -> list[Question]:
     ]
 
 
-def _score(question: Question, response: str) -> Record:
-    pred = extract_answer(response, question.meta)
-    return {"pred": pred, "correct": pred == question.gold}
-
-
 def summarize(records: Mapping[str, Sequence[Record]]) -> dict[str, float]:
     """The official `cal_mmlu`: accuracy pooled over questions, per group and overall (AVERAGE)."""
     out: dict[str, float] = {}
@@ -135,4 +130,6 @@ def summarize(records: Mapping[str, Sequence[Record]]) -> dict[str, float]:
     return out
 
 
-TASK = Task("mmlu", "MMLU (test, zero-shot)", _load, _score, summarize, headline="AVERAGE")
+TASK = Task(
+    "mmlu", "MMLU (test, zero-shot)", _load, letter_scorer(extract_answer), summarize, headline="AVERAGE"
+)

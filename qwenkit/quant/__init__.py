@@ -13,7 +13,7 @@ from __future__ import annotations
 from .int4 import Int4Linear, quantize_int4
 from .int8 import Int8Linear, quantize_int8
 from .linear import QuantizedLinear
-from .scheme import QuantScheme, quantize_model, target_linears
+from .scheme import QuantScheme, quantize_model, target_linears, weight_precision
 
 __all__ = [
     "Int4Linear",
@@ -24,4 +24,5 @@ __all__ = [
     "quantize_int8",
     "quantize_model",
     "target_linears",
+    "weight_precision",
 ]

@@ -93,6 +93,16 @@ class QuantScheme:
         return cls(d["bits"], d["group_size"], d["lm_head"])
 
 
+def weight_precision(model: nn.Module) -> str | None:
+    """Returns "int8" / "int4" when the model's linear layers are quantized (the narrowest width present), else None.
+
+    Read off the modules, so it holds however they got there: quantized at load, a qwenkit-quantized checkpoint
+    or a GPTQ one.
+    """
+    bits = [m.bits for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return f"int{min(bits)}" if bits else None
+
+
 def target_linears(model: nn.Module, lm_head: bool = True) -> list[str]:
     """Names of the linears a scheme swaps: every block's five, then `lm_head` (unless tied to the embedding)."""
     config = model.config
