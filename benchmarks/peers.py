@@ -254,8 +254,13 @@ def run_case(system: str, args: argparse.Namespace) -> dict:
             str(args.runs), str(args.cache)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
-        out = subprocess.run([sys.executable, __file__, "--worker", *spec], capture_output=True, text=True,
+        # The input files (quantized checkpoint, GGUF) are made first, in a process of their own: their peak
+        # memory is not the measured case's.
+        out = subprocess.run([sys.executable, __file__, "--prepare", *spec], capture_output=True, text=True,
                              env=env, timeout=args.timeout)  # fmt: skip
+        if out.returncode == 0:
+            out = subprocess.run([sys.executable, __file__, "--worker", *spec], capture_output=True, text=True,
+                                 env=env, timeout=args.timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"system": system, "error": f"timed out after {args.timeout} s"}
     if out.returncode != 0:
@@ -264,6 +269,17 @@ def run_case(system: str, args: argparse.Namespace) -> dict:
         )
         return {"system": system, "error": reason, "stderr": out.stderr[-1500:]}
     return {"system": system, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def prepare(spec: list[str]) -> None:
+    """Make the input file a case reads (a quantized qwenkit checkpoint or a GGUF file) unless it exists."""
+    system, ckpt, *_, cache = spec
+    family, variant = system.split("-", 1)
+    kind = variant.partition("-")[0]
+    if family == "qwenkit" and kind in ("int8", "int4"):
+        quantized_checkpoint(ckpt, Path(cache), kind)
+    elif family == "llama.cpp":
+        gguf_file(ckpt, Path(cache), kind)
 
 
 def worker(spec: list[str]) -> None:
@@ -314,8 +330,8 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--prepare"):
+        (worker if sys.argv[1] == "--worker" else prepare)(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="model dir (default: the synthetic 1.8B, created once)")
