@@ -29,6 +29,7 @@ from qwenkit.quant import (
     quantize_int8,
     quantize_model,
     target_linears,
+    weight_precision,
 )
 
 IDS = torch.tensor([[9707, 11, 1879, 374, 264, 1273, 13, 40], [40, 1075, 279, 5284, 382, 151643, 0, 7]])
@@ -185,6 +186,15 @@ def test_quantize_model_can_keep_lm_head(make_tiny_model):
     model = quantize_model(make_tiny_model(), "int4", group_size=32, include_lm_head=False)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.transformer.h[0].mlp.w1, Int4Linear)
     assert model.config.quantization_config["lm_head"] is False
+
+
+def test_weight_precision_reads_the_modules(make_tiny_model):
+    assert weight_precision(make_tiny_model()) is None
+    assert weight_precision(quantize_model(make_tiny_model(), "int8")) == "int8"
+    model = quantize_model(make_tiny_model(), "int4", group_size=32, include_lm_head=False)
+    assert weight_precision(model) == "int4"
+    model.lm_head = Int8Linear.from_linear(model.lm_head)  # mixed widths: the narrowest is named
+    assert weight_precision(model) == "int4"
 
 
 def test_tied_lm_head_stays_float(make_tiny_model):
