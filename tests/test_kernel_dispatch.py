@@ -145,10 +145,47 @@ def test_require_ext_raises_on_build_failure(monkeypatch, tmp_path):
         cpu.ops_for.__wrapped__(name)
 
 
-def test_gemm_dtype():
-    native = isa.native_bf16_gemm(isa.cpu_flags())
-    assert cpu.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+@pytest.mark.parametrize(
+    "flags, rates, override, use_bf16",
+    [
+        (ZEN2, None, None, False),  # emulated bf16
+        (SKYLAKE_X, None, None, False),
+        (SPR, None, None, True),  # AMX
+        (SPR, (40.0, 80.0), None, True),  # AMX does not go through vdpbf16ps
+        (ZEN5, (170.0, 85.0), None, True),  # vdpbf16ps at twice the FMA's MAC rate
+        (ZEN5, (43.0, 85.0), None, False),  # the Intel VM without AMX: half of it
+        (ZEN5, (85.0, 85.0), None, True),
+        (ZEN5, None, None, True),  # not measured: trust the hardware
+        (ZEN5, (0.0, 85.0), None, True),
+        (ZEN5, (170.0, 85.0), "fp32", False),
+        (ZEN2, None, " BF16 ", True),  # forced, even where emulated
+    ],
+)
+def test_bf16_gemm_choice(flags, rates, override, use_bf16):
+    use, why = isa.bf16_gemm_choice(flags, rates, override)
+    assert use is use_bf16 and why
+    if rates and rates[0] > 0 and not override and "amx_bf16" not in flags:
+        assert f"{rates[0]:.0f} vs fp32 FMA {rates[1]:.0f}" in why
+
+
+def test_bf16_gemm_choice_rejects_unknown_override():
+    with pytest.raises(ValueError, match=r"QWENKIT_GEMM_DTYPE='fp16': use bf16 or fp32"):
+        isa.bf16_gemm_choice(ZEN5, None, "fp16")
+
+
+def test_gemm_dtype(monkeypatch):
     assert cpu.gemm_dtype(torch.float32) == torch.float32
+    for forced, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        monkeypatch.setenv(isa.GEMM_DTYPE_ENV, forced)
+        assert cpu.gemm_dtype(torch.bfloat16) == dtype
+    monkeypatch.delenv(isa.GEMM_DTYPE_ENV)
+    flags = isa.cpu_flags()
+    if not isa.native_bf16_gemm(flags):
+        assert cpu.gemm_dtype(torch.bfloat16) == torch.float32
+    kset = cpu.kernel_set()
+    if kset is not None:  # the probe the choice is made from: both rates positive where measured
+        bf16, fma = cpu.ops_for(kset).dot_rates()
+        assert fma > 0 and (bf16 > 0) == (kset == "avx512")
 
 
 # ---------------------------------------------------------------- every set compiles, also those this CPU cannot run

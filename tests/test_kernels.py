@@ -177,11 +177,19 @@ def test_prefill_without_extension_multiplies_in_gemm_dtype(monkeypatch, bits):
     assert y.dtype == torch.bfloat16 and _rel(y, _expected(x, q, scales, offs, 64, None)) < 1e-2
 
 
-def test_bf16_prefill_in_fp32_tiles(monkeypatch):
-    """bf16 x with many rows on a CPU without a native bf16 GEMM: fp32 tiles of the weight (several here)."""
+@pytest.mark.parametrize("gemm", ["fp32", "bf16", ""])
+def test_bf16_prefill_in_fp32_tiles(monkeypatch, gemm):
+    """bf16 x with many rows where fp32 GEMMs win (forced here, or this CPU's choice): fp32 tiles of the weight
+    (several here); forced bf16: F.linear in bf16."""
+    monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
     monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 512)
+    tiles = []
+    real = kernels._tiled_linear
+    monkeypatch.setattr(kernels, "_tiled_linear", lambda *a: tiles.append(a[-1]) or real(*a))
     w, bias, x = torch.randn(50, 512).bfloat16(), torch.randn(50).bfloat16(), torch.randn(40, 512).bfloat16()
     y = kernels.linear_bf16(x, w, bias)
+    assert tiles == ([] if cpu.gemm_dtype(torch.bfloat16) == torch.bfloat16 else [torch.float32])
+    assert tiles or gemm != "fp32"
     assert y.shape == (40, 50) and y.dtype == torch.bfloat16
     assert _rel(y, F.linear(x.double(), w.double(), bias.double())) < 1e-2
 

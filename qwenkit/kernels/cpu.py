@@ -12,7 +12,9 @@ Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass ove
 the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 / unpacked int4 weights;
 scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to fp32 once per call. Prefill:
 the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the reference `dequantize`) and
-multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware, else fp32.
+multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32 (AMX,
+or vdpbf16ps at least as fast per multiply-add as the fp32 FMA, timed once by the kernels' `dot_rates`), else
+fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it).
 
 Measured on AMD EPYC Zen 3 (family 25 model 1; AVX2/FMA/F16C, no AVX-512), 2 cores, avx2 set, other jobs
 sharing the machine (so medians of noisy runs):
@@ -272,12 +274,27 @@ def linear_quant(
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to run a CPU matrix multiply of `dtype` activations in: bf16 only where oneDNN has bf16
-    hardware (AVX512-BF16, AMX); elsewhere PyTorch emulates it (~0.01-0.02 TFLOP/s on 2 Zen 2/3 cores against
-    ~0.16 for fp32), so fp32."""
-    if dtype == torch.bfloat16 and not isa.native_bf16_gemm(isa.cpu_flags()):
-        return torch.float32
-    return dtype
+    """The dtype to run a CPU matrix multiply of `dtype` activations in. bf16 only where it is faster than fp32
+    (`isa.bf16_gemm_choice`): not where PyTorch emulates it (~0.01-0.02 TFLOP/s on 2 Zen 2/3 cores against ~0.16
+    for fp32), nor where vdpbf16ps runs at a lower multiply-add rate than the fp32 FMA (an Intel Xeon VM without
+    AMX: oneDNN bf16 0.15 vs fp32 0.23 TFLOP/s at 512 x 2048 x 5504 on 2 threads); QWENKIT_GEMM_DTYPE forces it."""
+    if dtype != torch.bfloat16:
+        return dtype
+    return torch.bfloat16 if _bf16_gemm(os.environ.get(isa.GEMM_DTYPE_ENV, "").strip().lower()) else torch.float32
+
+
+@functools.cache
+def _bf16_gemm(override: str) -> bool:
+    flags = isa.cpu_flags()
+    rates = None
+    if not override and isa.native_bf16_gemm(flags) and "amx_bf16" not in flags:
+        kset = kernel_set()
+        if kset is not None:
+            bf16, fma = ops_for(kset).dot_rates()
+            rates = (bf16, fma) if bf16 > 0 else None
+    use, why = isa.bf16_gemm_choice(flags, rates, override or None)
+    logger.info("qwenkit: bf16 matrix multiplies (prefill) in %s (%s)", "bf16" if use else "fp32", why)
+    return use
 
 
 def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -> torch.Tensor:

@@ -118,6 +118,34 @@ def native_bf16_gemm(flags: frozenset[str]) -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
+GEMM_DTYPE_ENV = "QWENKIT_GEMM_DTYPE"  # bf16 | fp32: the GEMM dtype of bf16 activations (prefill), forced
+
+
+def bf16_gemm_choice(
+    flags: frozenset[str], dot_rates: tuple[float, float] | None, override: str | None = None
+) -> tuple[bool, str]:
+    """(run bf16 GEMMs in bf16, why). Without AMX, oneDNN's bf16 GEMM is bound by vdpbf16ps, whose multiply-add
+    rate against the fp32 FMA differs 4x between CPUs (`dot_rates`: one thread's MACs/ns of each, measured by the
+    kernels; None where they are not built): bf16 where it is at least the FMA's (bf16 also halves the bytes),
+    else fp32 tiles of the weight. `override` (a QWENKIT_GEMM_DTYPE value) wins; ValueError for another value."""
+    name = (override or "").strip().lower()
+    if name:
+        if name not in ("bf16", "fp32"):
+            raise ValueError(f"{GEMM_DTYPE_ENV}={override!r}: use bf16 or fp32")
+        return name == "bf16", f"{GEMM_DTYPE_ENV}={name}"
+    if not native_bf16_gemm(flags):
+        return False, "no bf16 hardware: PyTorch would emulate the bf16 GEMM"
+    if "amx_bf16" in flags:
+        return True, "AMX"
+    if dot_rates is None or dot_rates[0] <= 0:
+        return True, "AVX512-BF16 (vdpbf16ps rate not measured)"
+    bf16, fma = dot_rates
+    verdict = "bf16" if bf16 >= fma else "fp32"
+    return verdict == "bf16", (
+        f"vdpbf16ps {bf16:.0f} vs fp32 FMA {fma:.0f} multiply-adds/ns per thread: {verdict} GEMM is faster"
+    )
+
+
 def describe(flags: frozenset[str], kernel_set: str | None) -> str:
     """One line for logs and benchmark tables: the CPU, its relevant flags and the kernel set in use."""
     have = [f for f in REPORTED_FLAGS if f in flags]

@@ -1,5 +1,7 @@
 // Float linear kernels: the small-M GEMV over a bf16 weight (bf16 or fp32 activations) or an fp32 weight (fp32
 // activations, exact fp32 FMA accumulation as in F.linear up to summation order). Written once against simd.h.
+#include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -108,7 +110,55 @@ void brange_m(const BArgs& a, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
   }
 }
 
+// Multiply-adds per nanosecond of one thread: {vdpbf16ps (0 on a set without it), fp32 FMA}, each the best of 7
+// timings of 12 independent chains (enough to hide either instruction's latency). CPUs differ by 4x in the
+// ratio (an AVX-512 BF16 core without AMX may run vdpbf16ps at half the MAC rate of its FMAs, or at twice it),
+// and oneDNN's bf16 GEMM is bound by it there: cpu.py picks the prefill GEMM dtype from these figures.
+constexpr int kChains = 12;
+constexpr int64_t kProbeIters = 8192;
+
+template <bool BF16>
+QK_NO_PRE __attribute__((noinline)) float chains(float seed) {
+  vf acc[kChains];
+#pragma GCC unroll 12
+  for (int c = 0; c < kChains; ++c) acc[c] = fset1(seed);
+  const vf x = fset1(seed * 0.5f), y = fset1(seed * 0.25f);
+  alignas(64) uint16_t pairs[2 * kL];
+  std::fill(pairs, pairs + 2 * kL, uint16_t(0x3f80));  // bf16 1.0
+  for (int64_t i = 0; i < kProbeIters; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) {
+      if constexpr (BF16) acc[c] = fdot_bf16(acc[c], pairs, pairs);
+      else acc[c] = ffma(x, y, acc[c]);
+      asm volatile("" : "+v"(acc[c]));  // keeps the chains interleaved (GCC would run them one at a time)
+    }
+  }
+  vf t = acc[0];
+#pragma GCC unroll 12
+  for (int c = 1; c < kChains; ++c) t = fadd(t, acc[c]);
+  return freduce_add(t);
+}
+
+template <bool BF16>
+double best_ns() {
+  volatile float seed = 1.0f, sink = 0.f;
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    sink = sink + chains<BF16>(seed);
+    best = std::min(best, std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
 }  // namespace
+
+std::vector<double> dot_rates() {
+  const double macs = double(kProbeIters) * kChains * kL;
+  double bf16_rate = 0.0;
+  if constexpr (kBf16Dot) bf16_rate = 2 * macs / best_ns<true>();
+  return {bf16_rate, macs / best_ns<false>()};
+}
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
