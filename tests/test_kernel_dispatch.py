@@ -173,6 +173,19 @@ def test_bf16_gemm_choice_rejects_unknown_override():
         isa.bf16_gemm_choice(ZEN5, None, "fp16")
 
 
+@pytest.mark.parametrize("flags", [ZEN5, ZEN2])
+def test_float_linear_dtype_rows(monkeypatch, flags):
+    """fp32 GEMMs win: a native bf16 GEMM still takes the inputs too small to pay for converting the weight."""
+    monkeypatch.setattr(isa, "cpu_flags", lambda: flags)
+    monkeypatch.setenv(isa.GEMM_DTYPE_ENV, "fp32")
+    few = torch.bfloat16 if flags is ZEN5 else torch.float32
+    assert cpu.float_linear_dtype(torch.bfloat16, cpu.FP32_TILES_MIN_ROWS - 1) == few
+    assert cpu.float_linear_dtype(torch.bfloat16, cpu.FP32_TILES_MIN_ROWS) == torch.float32
+    assert cpu.float_linear_dtype(torch.float32, 1) == torch.float32
+    monkeypatch.setenv(isa.GEMM_DTYPE_ENV, "bf16")
+    assert cpu.float_linear_dtype(torch.bfloat16, 4096) == torch.bfloat16
+
+
 def test_gemm_dtype(monkeypatch):
     assert cpu.gemm_dtype(torch.float32) == torch.float32
     for forced, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

@@ -183,6 +183,7 @@ def test_bf16_prefill_in_fp32_tiles(monkeypatch, gemm):
     (several here); forced bf16: F.linear in bf16."""
     monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
     monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 512)
+    monkeypatch.setattr(cpu, "FP32_TILES_MIN_ROWS", 40)
     tiles = []
     real = kernels._tiled_linear
     monkeypatch.setattr(kernels, "_tiled_linear", lambda *a: tiles.append(a[-1]) or real(*a))
@@ -311,3 +312,19 @@ def test_fast_paths_are_used(kset):
     assert cpu.linear_bf16(x, torch.randn(16, 256), None) is not None  # fp32 weight, fp32 x
     assert cpu.linear_bf16(x.bfloat16(), torch.randn(16, 256), None) is None  # bf16 x, fp32 weight: F.linear
     assert cpu.linear_quant(x.half(), qweight, scales, offs, 64, None, bits=8) is None  # fp16 x: reference
+
+
+@needs_fast
+@pytest.mark.parametrize("gemm", ["fp32", "bf16"])
+def test_bf16_gemv_rows_where_bf16_gemm_is_slow(kset, monkeypatch, gemm):
+    """16 rows of bf16 x at K = 2048 (x beyond BF16_GEMV_MAX_ELEMENTS): the GEMV where fp32 GEMMs win, else
+    F.linear; K = 5504 (one pass's rows of x exceed L1) never; the results as F.linear's either way."""
+    monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
+    w, x = torch.randn(24, 2048).bfloat16(), torch.randn(16, 2048).bfloat16()
+    y = cpu.linear_bf16(x, w, None)
+    assert (y is not None) == (gemm == "fp32")
+    if y is not None:
+        assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
+    assert cpu.linear_bf16(torch.randn(17, 2048).bfloat16(), w, None) is None
+    assert cpu.linear_bf16(torch.randn(16, 5504).bfloat16(), torch.randn(8, 5504).bfloat16(), None) is None
+    assert cpu.linear_bf16(x.float(), w, None) is None  # fp32 x times a bf16 weight: the element limit only

@@ -8,8 +8,8 @@ Storage contract (what quantized modules keep and checkpoints save):
 (a kernel set built for this CPU, CPU tensors, bf16/fp32 activations, supported shapes, no autograd). Otherwise
 the quantized ones run PyTorch's weight-only kernels at decode (`qwenkit.kernels.builtin`) and, for prefill or
 formats those lack, dequantize the weight once per call and multiply in `cpu.gemm_dtype` (fp32 on CPUs whose
-bf16 GEMM PyTorch emulates or is slower than fp32); `linear_bf16` multiplies large inputs in fp32 tiles there too. The pure-PyTorch
-references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests hold every path to.
+bf16 GEMM PyTorch emulates or is slower than fp32); `linear_bf16` multiplies large inputs in fp32 tiles there
+too. The pure-PyTorch references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests hold every path to.
 `cached_attention` is attention over a KV cache window (fp32/bf16/fp16, or int8 with per-token-and-head scales):
 the C++ decode kernel for a few query rows on CPU, else `reference_cached_attention` (SDPA in the cache's dtype,
 fp32 over a dequantized int8 cache), which is also what prefill runs.
@@ -136,13 +136,14 @@ def _dequant_linear(
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): a fast GEMV for few rows of x on CPU with
-    a bf16 weight, or an fp32 weight and fp32 x; for many rows of bf16 on a CPU without a native bf16 GEMM, fp32
-    tiles of the weight (PyTorch's emulated bf16 GEMM is ~10x slower); F.linear otherwise."""
+    a bf16 weight, or an fp32 weight and fp32 x; for more rows of bf16 where fp32 GEMMs win (`cpu.gemm_dtype`:
+    PyTorch's emulated bf16 GEMM is ~10x slower, a native one may be merely slower), fp32 tiles of the weight
+    (`cpu.float_linear_dtype` says from how many rows); F.linear otherwise."""
     y = _cpu.linear_bf16(x, weight, bias)
     if y is not None:
         return y
     if x.device.type == "cpu" and weight.dtype == x.dtype and x.numel() > _cpu.BF16_GEMV_MAX_ELEMENTS:
-        dtype = _cpu.gemm_dtype(x.dtype)
+        dtype = _cpu.float_linear_dtype(x.dtype, x.numel() // max(1, x.shape[-1]))
         if dtype != x.dtype:
             return _tiled_linear(x, weight, bias, dtype)
     return F.linear(x, weight.to(x.dtype), _cast(bias, x.dtype))

@@ -73,6 +73,11 @@ REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (el
 GEMV_MAX_ROWS = 16
 BF16_GEMV_MAX_ELEMENTS = 16384
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
+# A bf16 weight converted to fp32 tiles costs ~4 ms per 5504x2048 matrix and call (2 threads): where the bf16
+# GEMM is native but slower than fp32 (`gemm_dtype`), that pays from this many rows of x only. Intel Xeon VM
+# (AVX-512 BF16, no AMX), ms per matrix, bf16 F.linear vs fp32 tiles: 5504x2048 M=64 10.6 / 12.1, M=128
+# 19.2 / 14.8; 2048x5504 M=64 10.6 / 9.9, M=128 19.6 / 15.2.
+FP32_TILES_MIN_ROWS = 128
 
 _CSRC = Path(__file__).with_name("csrc")
 # + common.h, simd.h
@@ -283,6 +288,15 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if _bf16_gemm(os.environ.get(isa.GEMM_DTYPE_ENV, "").strip().lower()) else torch.float32
 
 
+def float_linear_dtype(dtype: torch.dtype, rows: int) -> torch.dtype:
+    """The dtype to multiply `rows` rows of `dtype` activations by a weight of that dtype in: `gemm_dtype`,
+    except that a native (if slower) bf16 GEMM beats converting the weight to fp32 below FP32_TILES_MIN_ROWS."""
+    gemm = gemm_dtype(dtype)
+    if gemm != dtype and rows < FP32_TILES_MIN_ROWS and isa.native_bf16_gemm(isa.cpu_flags()):
+        return dtype
+    return gemm
+
+
 @functools.cache
 def _bf16_gemm(override: str) -> bool:
     flags = isa.cpu_flags()
@@ -330,13 +344,28 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in _FLOATS):
         return None
-    if x.numel() > BF16_GEMV_MAX_ELEMENTS or not _plain_cpu(x, weight, bias):
+    if not _plain_cpu(x, weight, bias) or not _float_gemv_fits(x, weight):
         return None
     kset = kernel_set()
     if kset is None:
         return None
     y = ops_for(kset).gemv_bf16(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _float_gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """M * K <= BF16_GEMV_MAX_ELEMENTS; and where the bf16 GEMM is slow (`gemm_dtype` says fp32), bf16 x times a
+    bf16 weight up to GEMV_MAX_ROWS rows while one pass's 8 rows of x stay in L1 (K <= 2048). Intel Xeon VM, ms
+    per 5504x2048 matrix at M = 16: GEMV 2.98, bf16 F.linear 3.76, fp32 tiles 6.73 (at K = 5504 F.linear wins)."""
+    if x.numel() <= BF16_GEMV_MAX_ELEMENTS:
+        return True
+    k = x.shape[-1]
+    return (
+        x.dtype == weight.dtype == torch.bfloat16
+        and x.numel() <= GEMV_MAX_ROWS * k
+        and 8 * k <= BF16_GEMV_MAX_ELEMENTS
+        and gemm_dtype(torch.bfloat16) == torch.float32
+    )
 
 
 # Decode attention (csrc/attention.cpp): one pass over the cached keys/values per (row, head), online softmax.
