@@ -187,11 +187,11 @@ def test_bf16_prefill_in_fp32_tiles(monkeypatch, gemm):
     tiles = []
     real = kernels._tiled_linear
     monkeypatch.setattr(kernels, "_tiled_linear", lambda *a: tiles.append(a[-1]) or real(*a))
-    w, bias, x = torch.randn(50, 512).bfloat16(), torch.randn(50).bfloat16(), torch.randn(40, 512).bfloat16()
+    w, bias, x = torch.randn(50, 512).bfloat16(), torch.randn(50).bfloat16(), torch.randn(2, 20, 512).bfloat16()
     y = kernels.linear_bf16(x, w, bias)
     assert tiles == ([] if cpu.gemm_dtype(torch.bfloat16) == torch.bfloat16 else [torch.float32])
     assert tiles or gemm != "fp32"
-    assert y.shape == (40, 50) and y.dtype == torch.bfloat16
+    assert y.shape == (2, 20, 50) and y.dtype == torch.bfloat16
     assert _rel(y, F.linear(x.double(), w.double(), bias.double())) < 1e-2
 
 

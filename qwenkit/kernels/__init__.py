@@ -152,15 +152,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> torch.Tensor:
     """F.linear in `dtype` over row tiles of the weight converted one at a time (bounded extra memory)."""
     n, k = weight.shape
-    rows = max(16, _cpu.PREFILL_TILE_ELEMENTS // k // 16 * 16)
-    xg = x.to(dtype)
-    outs = [
-        F.linear(
-            xg, weight[n0 : n0 + rows].to(dtype), None if bias is None else bias[n0 : n0 + rows].to(dtype)
-        )
-        for n0 in range(0, n, rows)
-    ]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(x.dtype)
+    y = _cpu.tiled_linear(x.reshape(-1, k), n, lambda n0, n1: weight[n0:n1].to(dtype), bias, dtype)
+    return y.view(*x.shape[:-1], n)
 
 
 def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

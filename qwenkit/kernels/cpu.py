@@ -57,6 +57,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -316,21 +317,38 @@ def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -
     `gemm_dtype(x.dtype)`. (M, K) -> (M, N) in x.dtype."""
     n, k = qweight.shape[0], x2.shape[1]
     dtype = gemm_dtype(x2.dtype)
-    xg = x2.to(dtype)
-    rows = max(16, PREFILL_TILE_ELEMENTS // k // 16 * 16)
-    if bias is not None:
-        bias = bias.to(dtype)
-    outs = []
-    tile = torch.empty(min(rows, n), k, dtype=dtype)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
+    tile = torch.empty(min(tile_rows(k), n), k, dtype=dtype)
+
+    def dequant_tile(n0: int, n1: int) -> torch.Tensor:
         w = tile[: n1 - n0]
         ops.dequant(
             qweight[n0:n1], scales[n0:n1], None if offsets is None else offsets[n0:n1], group_size, bits, w
         )
-        outs.append(F.linear(xg, w, None if bias is None else bias[n0:n1]))
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-    return y.to(x2.dtype)
+        return w
+
+    return tiled_linear(x2, n, dequant_tile, bias, dtype)
+
+
+def tile_rows(k: int) -> int:
+    """Weight rows per tile of `tiled_linear` (PREFILL_TILE_ELEMENTS, a multiple of 16 rows)."""
+    return max(16, PREFILL_TILE_ELEMENTS // k // 16 * 16)
+
+
+def tiled_linear(
+    x2: torch.Tensor, n: int, weight_tile: Callable[[int, int], torch.Tensor], bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """`x2 @ W.T + bias` (M, K) -> (M, N) in x2.dtype, W given as row tiles `weight_tile(n0, n1)` in `dtype` and
+    multiplied in it. Each tile's product goes straight into the output (no list of pieces and concatenation:
+    at the lm_head of a 512-token prefill those were 311 MB of fp32 next to a 311 MB copy)."""
+    xg = x2.to(dtype)
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
+    rows = tile_rows(x2.shape[1])
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        b = None if bias is None else bias[n0:n1].to(dtype)
+        y[:, n0:n1] = F.linear(xg, weight_tile(n0, n1), b)
+    return y
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
