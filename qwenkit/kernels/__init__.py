@@ -9,7 +9,8 @@ Storage contract (what quantized modules keep and checkpoints save):
 the quantized ones run PyTorch's weight-only kernels at decode (`qwenkit.kernels.builtin`) and, for prefill or
 formats those lack, dequantize the weight once per call and multiply in `cpu.gemm_dtype` (fp32 on CPUs whose
 bf16 GEMM PyTorch emulates or is slower than fp32); `linear_bf16` multiplies large inputs in fp32 tiles there
-too. The pure-PyTorch references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests hold every path to.
+too. The pure-PyTorch references (`reference_linear_int8` / `reference_linear_int4`) define the math the tests
+hold every path to.
 `cached_attention` is attention over a KV cache window (fp32/bf16/fp16, or int8 with per-token-and-head scales):
 the C++ decode kernel for a few query rows on CPU, else `reference_cached_attention` (SDPA in the cache's dtype,
 fp32 over a dequantized int8 cache), which is also what prefill runs.
