@@ -155,6 +155,8 @@ def test_require_ext_raises_on_build_failure(monkeypatch, tmp_path):
         (ZEN5, (170.0, 85.0), None, True),  # vdpbf16ps at twice the FMA's MAC rate
         (ZEN5, (43.0, 85.0), None, False),  # the Intel VM without AMX: half of it
         (ZEN5, (85.0, 85.0), None, True),
+        (ZEN5, (70.0, 85.0), None, True),  # close to the FMA's: timing noise must not flip it
+        (ZEN5, (60.0, 85.0), None, False),
         (ZEN5, None, None, True),  # not measured: trust the hardware
         (ZEN5, (0.0, 85.0), None, True),
         (ZEN5, (170.0, 85.0), "fp32", False),

@@ -13,7 +13,7 @@ the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the 
 scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to fp32 once per call. Prefill:
 the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the reference `dequantize`) and
 multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32 (AMX,
-or vdpbf16ps at least as fast per multiply-add as the fp32 FMA, timed once by the kernels' `dot_rates`), else
+or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the kernels' `dot_rates`), else
 fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it).
 
 Measured on AMD EPYC Zen 3 (family 25 model 1; AVX2/FMA/F16C, no AVX-512), 2 cores, avx2 set, other jobs
@@ -282,7 +282,7 @@ def linear_quant(
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to run a CPU matrix multiply of `dtype` activations in. bf16 only where it is faster than fp32
     (`isa.bf16_gemm_choice`): not where PyTorch emulates it (~0.01-0.02 TFLOP/s on 2 Zen 2/3 cores against ~0.16
-    for fp32), nor where vdpbf16ps runs at a lower multiply-add rate than the fp32 FMA (an Intel Xeon VM without
+    for fp32), nor where vdpbf16ps runs well below the fp32 FMA's multiply-add rate (an Intel Xeon VM without
     AMX: oneDNN bf16 0.15 vs fp32 0.23 TFLOP/s at 512 x 2048 x 5504 on 2 threads); QWENKIT_GEMM_DTYPE forces it."""
     if dtype != torch.bfloat16:
         return dtype
