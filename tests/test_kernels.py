@@ -317,14 +317,33 @@ def test_fast_paths_are_used(kset):
 @needs_fast
 @pytest.mark.parametrize("gemm", ["fp32", "bf16"])
 def test_bf16_gemv_rows_where_bf16_gemm_is_slow(kset, monkeypatch, gemm):
-    """16 rows of bf16 x at K = 2048 (x beyond BF16_GEMV_MAX_ELEMENTS): the GEMV where fp32 GEMMs win, else
-    F.linear; K = 5504 (one pass's rows of x exceed L1) never; the results as F.linear's either way."""
+    """Up to 16 rows of bf16 x beyond BF16_GEMV_MAX_ELEMENTS (K = 2048, and K = 5504 where a pass holds 2 rows of
+    x: 8 passes over each block of weight rows): the GEMV where fp32 GEMMs win, else F.linear; the results as
+    F.linear's either way."""
     monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
-    w, x = torch.randn(24, 2048).bfloat16(), torch.randn(16, 2048).bfloat16()
-    y = cpu.linear_bf16(x, w, None)
-    assert (y is not None) == (gemm == "fp32")
-    if y is not None:
-        assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
-    assert cpu.linear_bf16(torch.randn(17, 2048).bfloat16(), w, None) is None
-    assert cpu.linear_bf16(torch.randn(16, 5504).bfloat16(), torch.randn(8, 5504).bfloat16(), None) is None
-    assert cpu.linear_bf16(x.float(), w, None) is None  # fp32 x times a bf16 weight: the element limit only
+    for k in (2048, 5504):
+        w, x = torch.randn(40, k).bfloat16(), torch.randn(16, k).bfloat16()
+        y = cpu.linear_bf16(x, w, None)
+        assert (y is not None) == (gemm == "fp32")
+        if y is not None:
+            assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
+        assert cpu.linear_bf16(torch.randn(17, k).bfloat16(), w, None) is None
+        assert cpu.linear_bf16(x.float(), w, None) is None  # fp32 x times a bf16 weight: the element limit only
+
+
+@needs_fast
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_fast_gemv_passes_over_weight_blocks(kset, monkeypatch, bits):
+    """Several passes of activation rows (long K: few rows of x per pass) over several blocks of weight rows per
+    thread (csrc/common.h for_tiles): every output as the reference's."""
+    n, k, m = 300, 4096, 12
+    x = torch.randn(m, k)
+    if bits == 16:  # bf16 x beyond the element limit: the GEMV where fp32 GEMMs win (forced here)
+        monkeypatch.setenv(isa.GEMM_DTYPE_ENV, "fp32")
+        w, x = torch.randn(n, k).bfloat16(), x.bfloat16()
+        y = cpu.linear_bf16(x, w, None)
+        assert y is not None and _rel(y, F.linear(x.double(), w.double())) < 1e-2
+        return
+    qweight, q, scales, offs = _case(bits, n, k, 128, offsets=True, seed=3)
+    y = cpu.linear_quant(x, qweight, scales, offs, 128, None, bits=bits)
+    assert y is not None and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-4

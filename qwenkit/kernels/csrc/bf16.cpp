@@ -185,13 +185,10 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
     a.x = xf.data(), xbf = false;
   }
   const int64_t tile = tile_rows(M, K * (xbf ? 2 : 4));
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += tile) {
-      const int64_t mt = std::min(tile, M - m0);
-      if (xbf) brange_m<true, false>(a, m0, mt, n0, n1);
-      else if (wf32) brange_m<false, true>(a, m0, mt, n0, n1);
-      else brange_m<false, false>(a, m0, mt, n0, n1);
-    }
+  for_tiles(M, tile, N, K * (wf32 ? 4 : 2), [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+    if (xbf) brange_m<true, false>(a, m0, mt, n0, n1);
+    else if (wf32) brange_m<false, true>(a, m0, mt, n0, n1);
+    else brange_m<false, false>(a, m0, mt, n0, n1);
   });
   return out;
 }

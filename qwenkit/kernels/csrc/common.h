@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include "simd.h"
@@ -33,6 +34,22 @@ inline int64_t tile_rows(int64_t M, int64_t x_row_bytes) {
   const int64_t fit = std::clamp<int64_t>(kXBudget / std::max<int64_t>(1, x_row_bytes), 1, kMaxTile);
   const int64_t passes = std::max<int64_t>(1, (M + fit - 1) / fit);
   return std::max<int64_t>(1, (M + passes - 1) / passes);
+}
+
+// Several passes (M above one tile) run block by block of weight rows, each block small enough for L2: the
+// passes after the first read it from L2, not memory. kWBlockBytes of weight rows per block.
+constexpr int64_t kWBlockBytes = 1 << 18;
+
+// pass(m0, mt, n0, n1) for every tile of activation rows and range of weight rows, parallel over the weight rows.
+template <class Pass>
+void for_tiles(int64_t M, int64_t tile, int64_t N, int64_t w_row_bytes, const Pass& pass) {
+  const int64_t block = tile < M ? std::max<int64_t>(16, kWBlockBytes / std::max<int64_t>(1, w_row_bytes)) : N;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+      const int64_t b1 = std::min(n1, b0 + block);
+      for (int64_t m0 = 0; m0 < M; m0 += tile) pass(m0, std::min(tile, M - m0), b0, b1);
+    }
+  });
 }
 
 enum class FT { F32, BF16, F16 };

@@ -252,13 +252,10 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   at::Tensor out = at::empty({M, N}, x.options());
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
   const int64_t tile = tile_rows(M, 2 * K);  // int16 x
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += tile) {
-      const int64_t mt = std::min(tile, M - m0);
-      if (!int4) qrange_m<false, false>(a, m0, mt, n0, n1);
-      else if (split) qrange_m<true, true>(a, m0, mt, n0, n1);
-      else qrange_m<true, false>(a, m0, mt, n0, n1);
-    }
+  for_tiles(M, tile, N, a.row_bytes, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+    if (!int4) qrange_m<false, false>(a, m0, mt, n0, n1);
+    else if (split) qrange_m<true, true>(a, m0, mt, n0, n1);
+    else qrange_m<true, false>(a, m0, mt, n0, n1);
   });
   return out;
 }
