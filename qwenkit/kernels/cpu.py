@@ -8,7 +8,8 @@ None when the fast path does not apply (no kernel set, non-CPU tensors, unsuppor
 needed), and the caller then runs the PyTorch paths. Nothing is probed or built at import time.
 
 Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to
-8 rows, parallel over output rows. Activations are quantized per row to int16 (error ~1e-5 relative, far below
+8 rows (as many as keep x in L1), parallel over output rows; with several passes, block by block of weight rows
+that stay in L2 meanwhile, so only the first pass reads memory. Activations are quantized per row to int16 (error ~1e-5 relative, far below
 the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 / unpacked int4 weights;
 scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to fp32 once per call. Prefill:
 the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the reference `dequantize`) and
