@@ -9,8 +9,8 @@ needed), and the caller then runs the PyTorch paths. Nothing is probed or built 
 
 Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to
 8 rows (as many as keep x in L1), parallel over output rows; with several passes, block by block of weight rows
-that stay in L2 meanwhile, so only the first pass reads memory. Activations are quantized per row to int16 (error ~1e-5 relative, far below
-the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 / unpacked int4 weights;
+that stay in L2 meanwhile, so only the first pass reads memory. Activations are quantized per row to int16
+(error ~1e-5 relative, far below the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 / unpacked int4 weights;
 scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to fp32 once per call. Prefill:
 the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the reference `dequantize`) and
 multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32 (AMX,
@@ -318,7 +318,7 @@ def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -
     `gemm_dtype(x.dtype)`. (M, K) -> (M, N) in x.dtype."""
     n, k = qweight.shape[0], x2.shape[1]
     dtype = gemm_dtype(x2.dtype)
-    tile = torch.empty(min(tile_rows(k), n), k, dtype=dtype)
+    tile = torch.empty(min(weight_tile_rows(k), n), k, dtype=dtype)
 
     def dequant_tile(n0: int, n1: int) -> torch.Tensor:
         w = tile[: n1 - n0]
@@ -330,8 +330,9 @@ def _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits) -
     return tiled_linear(x2, n, dequant_tile, bias, dtype)
 
 
-def tile_rows(k: int) -> int:
-    """Weight rows per tile of `tiled_linear` (PREFILL_TILE_ELEMENTS, a multiple of 16 rows)."""
+def weight_tile_rows(k: int) -> int:
+    """Weight rows per tile of `tiled_linear` (PREFILL_TILE_ELEMENTS, a multiple of 16 rows; not the C++
+    kernels' `tile_rows`, which counts activation rows per pass)."""
     return max(16, PREFILL_TILE_ELEMENTS // k // 16 * 16)
 
 
@@ -345,7 +346,7 @@ def tiled_linear(
     concatenation; bf16 peak RSS of `benchmarks/peers.py`, prefill 512 with last-token logits: 4.11 -> 3.77 GB)."""
     xg = x2.to(dtype)
     y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
-    rows = tile_rows(x2.shape[1])
+    rows = weight_tile_rows(x2.shape[1])
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         b = None if bias is None else bias[n0:n1].to(dtype)
