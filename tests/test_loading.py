@@ -16,7 +16,7 @@ from qwenkit.checkpoints import weight_files
 from qwenkit.checkpoints.loading import load
 from qwenkit.checkpoints.synthetic import make_checkpoint
 from qwenkit.generation.sampling import OFFICIAL_GENERATION_CONFIG
-from qwenkit.model.config import QwenConfig
+from qwenkit.model.config import QwenConfig, preset
 from qwenkit.model.transformer import QWenLMHeadModel
 from qwenkit.tokenizer.tokenization import QWenTokenizer
 
@@ -367,3 +367,25 @@ def test_large_weights_get_huge_pages():
         elif inside and line.startswith("AnonHugePages:"):
             huge_kb += int(line.split()[1])
     assert huge_kb >= 2048
+
+
+def test_loading_imports_no_compiler_stack(ckpt):
+    """Building the meta model must not run nn.init on meta tensors: that imports torch._dynamo and sympy (1.7 s
+    and ~60 MB of resident memory on the full-size model's memory profile) in a process that only reads weights."""
+    script = (
+        "import sys; from qwenkit.checkpoints.loading import load\n"
+        f"model, _ = load({str(ckpt)!r}, progress=False)\n"
+        "assert model.transformer.wte.weight.shape[0] == model.config.vocab_size\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_meta_model_embedding_is_uninitialized_but_real_models_are_random():
+    config = preset("tiny")
+    assert QWenLMHeadModel(config, device="meta").transformer.wte.weight.is_meta
+    torch.manual_seed(0)
+    weight = QWenLMHeadModel(config).transformer.wte.weight
+    assert weight.requires_grad and 0.5 < weight.std().item() < 1.5  # nn.Embedding's N(0, 1) init

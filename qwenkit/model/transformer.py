@@ -191,7 +191,11 @@ class QWenModel(nn.Module):
     def __init__(self, config: QwenConfig, *, dtype=None, device=None) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        shape = (config.vocab_size, config.hidden_size)
+        # A meta model (loading) has nothing to initialize, and nn.Embedding's normal_ init of a meta tensor
+        # imports torch._dynamo and sympy: 1.7 s and ~60 MB of memory in a process that only reads weights.
+        meta = device is not None and torch.device(device).type == "meta"
+        self.wte = nn.Embedding(*shape, _weight=torch.empty(shape, **kw) if meta else None, **kw)
         self.h = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **kw)
 
