@@ -7,7 +7,7 @@ import torch
 
 from qwenkit import QWenTokenizer
 from qwenkit.generation.chat import chat, chat_stream, generate_ids
-from qwenkit.generation.generate import TokenGenerator, generate, generate_batch, stream
+from qwenkit.generation.generate import CacheReuse, TokenGenerator, generate, generate_batch, stream
 from qwenkit.generation.sampling import SamplingParams
 from qwenkit.model.transformer import QWenLMHeadModel
 from qwenkit.tokenizer.chat_format import make_context
@@ -159,6 +159,27 @@ def test_batch_greedy_equals_one_by_one(model, tok):
         alone = generate(model, tok, prompt, params)
         assert result.token_ids == alone.token_ids
         assert result.text == alone.text and result.finish_reason == alone.finish_reason
+
+
+def test_batches_sharing_one_cache_equal_one_by_one(model, tok):
+    """CacheReuse: a longer batch, then a smaller and shorter one (a view of the same cache, stale keys from the
+    first batch beyond every row's prompt), then one that needs more rows (a new cache): every row equals the
+    prompt generated alone."""
+    reuse = CacheReuse()
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    batches = [
+        [list(range(400, 440)), list(range(500, 530)), list(range(600, 625))],
+        [[9, 8, 7], list(range(700, 712))],
+        [[3], [4, 4], [5, 5, 5], [6] * 7],
+    ]
+    caches = []
+    for prompts in batches:
+        results = generate_batch(model, tok, prompts, params, reuse=reuse)
+        caches.append(reuse.cache)
+        for prompt, result in zip(prompts, results, strict=True):
+            assert result.token_ids == generate(model, tok, prompt, params).token_ids
+    assert caches[0] is caches[1] and caches[2] is not caches[0]
+    assert caches[2].max_batch_size == 4
 
 
 def test_batch_rows_finish_independently(model, tok):

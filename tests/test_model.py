@@ -130,6 +130,63 @@ def test_output_index(make_tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kv", [None, "fp32", "bf16", "int8", "int8-logn"])
+def test_input_lengths_skip_the_padding(make_tiny_model, kv, monkeypatch):
+    """Right-padded rows with `input_lengths`: each row's logits (all positions, or at output_index) and cache
+    entries equal that row run alone; the linear layers see only the real tokens; the padding's cache is zeros.
+    int8-logn: seq_length 4, so positions past it take logn scaling and NTK alpha (given per row)."""
+    logn = kv == "int8-logn"
+    kv = "int8" if logn else kv
+    model = make_tiny_model(**({"seq_length": 4} if logn else {}))
+    assert not logn or (model.config.use_logn_attn and model.config.use_dynamic_ntk)
+    ids = _ids(torch.Generator().manual_seed(11), 3, 9)
+    lengths = torch.tensor([9, 4, 6])
+    rows_seen: list[int] = []
+    real_forward = type(model.lm_head).forward
+    monkeypatch.setattr(
+        type(model.transformer.h[0].mlp.w1), "forward",
+        lambda self, x: rows_seen.append(x.reshape(-1, x.shape[-1]).shape[0]) or real_forward(self, x),
+    )  # fmt: skip
+    positions = torch.arange(9).expand(3, -1)
+    if kv is None:
+        out = model(ids, input_lengths=lengths)
+        assert out.shape == (3, 9, 1000)
+        for b, n in enumerate(lengths.tolist()):
+            assert (out[b, :n] - model(ids[b : b + 1, :n])[0]).abs().max() <= ATOL
+    else:
+        cache = model.new_cache(3, 16, dtype=kv)
+        alpha = torch.tensor([model.ntk_alpha(n) for n in lengths.tolist()])
+        rows_seen.clear()
+        out = model(ids, positions, cache, alpha, output_index=lengths - 1, input_lengths=lengths)
+        assert rows_seen[0] == int(lengths.sum())  # the first linear layer ran on the 19 real tokens, not 27
+        for b, n in enumerate(lengths.tolist()):
+            alone = model.new_cache(1, 16, dtype=kv)
+            last = torch.tensor([n - 1])
+            ref = model(ids[b : b + 1, :n], cache=alone, ntk_alpha=alpha[b : b + 1], output_index=last)
+            assert (out[b] - ref[0]).abs().max() <= ATOL
+            for part, part_alone in zip(cache.parts, alone.parts, strict=True):
+                assert (part[:, b, :, :n].float() - part_alone[:, 0, :, :n].float()).abs().max() <= ATOL
+                assert (part[:, b, :, n:9] == 0).all()  # padding: zeros, never attended by real queries
+    # A row with no real tokens in this chunk (its prompt ended in an earlier one): finite, ignored output.
+    empty = model(ids, input_lengths=torch.tensor([0, 4, 6]), output_index=torch.tensor([0, 3, 5]))
+    assert torch.isfinite(empty).all()
+
+
+@pytest.mark.parametrize(
+    "lengths, match",
+    [
+        (torch.tensor([9, 10, 1]), r"input_lengths must be in \[0, 9\]"),
+        (torch.tensor([-1, 2, 3]), r"input_lengths must be in \[0, 9\]"),
+        (torch.tensor([1, 2]), r"input_lengths must be an integer tensor \[B\]"),
+        (torch.tensor([1.0, 2.0, 3.0]), r"input_lengths must be an integer tensor \[B\]"),
+    ],
+)
+def test_input_lengths_errors(make_tiny_model, lengths, match):
+    with pytest.raises(ValueError, match=match):
+        make_tiny_model()(_ids(torch.Generator().manual_seed(1), 3, 9), input_lengths=lengths)
+
+
+@torch.no_grad()
 def test_bf16_close_to_fp32(make_tiny_model):
     # Metric: relative error norm(bf16 - fp32) / norm(fp32) over all logits of the batch.
     model = make_tiny_model()

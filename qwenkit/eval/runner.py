@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..generation.chat import prepare_chat
-from ..generation.generate import generate_batch
+from ..generation.generate import CacheReuse, generate_batch
 from ..generation.protocol import CausalLM
 from ..tokenizer.chat_format import DEFAULT_SYSTEM
 from ..tokenizer.tokenization import QWenTokenizer
@@ -46,15 +46,20 @@ def eval_settings(max_new_tokens: int | None) -> dict[str, Any]:
 
 
 def chat_responses(
-    model: CausalLM, tokenizer: QWenTokenizer, prompts: Sequence[str], max_new_tokens: int | None = None
+    model: CausalLM,
+    tokenizer: QWenTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int | None = None,
+    reuse: CacheReuse | None = None,
 ) -> list[str]:
-    """Responses to several chat queries in one batch, each equal to `model.chat(...)` with the eval settings."""
+    """Responses to several chat queries in one batch, each equal to `model.chat(...)` with the eval settings;
+    `reuse` lends successive batches one KV cache."""
     prepared = [
         prepare_chat(model, tokenizer, p, None, DEFAULT_SYSTEM, None, None, eval_settings(max_new_tokens))
         for p in prompts
     ]
     results = generate_batch(model, tokenizer, [ids for ids, _ in prepared], [params for _, params in prepared],
-                             errors="replace")  # fmt: skip
+                             errors="replace", reuse=reuse)  # fmt: skip
     return [r.text.strip() for r in results]
 
 
@@ -152,10 +157,11 @@ def _generate_all(
     bar = tqdm(
         total=total, initial=finished, unit="q", desc=task.name, disable=not progress, dynamic_ncols=True
     )
+    reuse = CacheReuse()  # the first (longest) batch's cache serves the rest
     with bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
-            responses = chat_responses(model, tokenizer, [q.prompt for q in batch], max_new_tokens)
+            responses = chat_responses(model, tokenizer, [q.prompt for q in batch], max_new_tokens, reuse)
             by_subject: dict[str, list[Record]] = {}
             for q, response in zip(batch, responses, strict=True):
                 record = {"id": q.id, "subject": q.subject, "prompt": q.prompt, "response": response,

@@ -25,6 +25,7 @@ class CausalLM(Protocol):
         cache: Any = None,
         ntk_alpha: float | torch.Tensor | None = None,  # float or [B]
         output_index: torch.Tensor | None = None,  # [B]
+        input_lengths: torch.Tensor | None = None,  # [B]: real tokens per row, right padding after them
     ) -> torch.Tensor:  # fp32 logits [B, T, V] (or [B, V] with output_index)
         ...
 

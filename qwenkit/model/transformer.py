@@ -112,13 +112,30 @@ class _StepInputs:
     """What every layer of one forward shares; built once per forward."""
 
     positions: torch.Tensor  # [B, T] absolute positions
+    # cos, sin, qk_scale: [1, N, ...] instead of [B, T, ...] when `packed`
     cos: torch.Tensor  # [B, T, 1, 1, rotary_dim] fp32 (broadcasts over q|k and heads)
     sin: torch.Tensor  # [B, T, 1, 1, rotary_dim] fp32, rotate-half's sign included
-    qk_scale: torch.Tensor | None  # [B, T, 2, 1, 1] fp32: logn factor for q, 1 for k; None when logn is off
+    qk_scale: torch.Tensor | None  # [B, T, 2, 1, 1] fp32: logn factor for q, 1 for k; None: off, or all 1
     cache: KVCache | None
     length: int  # keys attended with a cache: max position in the batch + 1
     lengths: torch.Tensor | None  # [B, T] keys each query attends with a cache (its position + 1)
     mask: torch.Tensor | None  # [B, 1, T, length] bool, True = may attend: `lengths` for SDPA; None -> causal
+    # Right-padded rows (`input_lengths`): indices into the flattened [B * T] positions of the real tokens, which
+    # the token-wise layers (embedding, norms, linears) run on as one [1, N, C] sequence; None: all are real.
+    packed: torch.Tensor | None = None
+    shape: tuple[int, int] = (0, 0)  # (B, T) of the input
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] packed -> [B, T, ...], zeros at the padding (finite keys/values no real query sees)."""
+        if self.packed is None:
+            return x
+        full = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[2:])
+        full[self.packed] = x[0]
+        return full.view(*self.shape, *x.shape[2:])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [1, N, ...] (the real tokens), or x itself when nothing is padded."""
+        return x if self.packed is None else x.flatten(0, 1)[self.packed][None]
 
 
 class Attention(nn.Module):
@@ -136,10 +153,13 @@ class Attention(nn.Module):
         self.c_proj = Linear(hidden, hidden, bias=not config.no_bias, **kw)
 
     def forward(self, x: torch.Tensor, step: _StepInputs) -> torch.Tensor:
-        bsz, steps, hidden = x.shape
-        qkv = self.c_attn(x).view(bsz, steps, 3, self.n_heads, self.head_dim)  # [B, T, q|k|v, H, D]
-        q, k = apply_rotary(qkv[:, :, :2], step.cos, step.sin, step.qk_scale).unbind(2)  # [B, T, H, D] each
-        v = qkv[:, :, 2]
+        hidden = x.shape[-1]
+        qkv = self.c_attn(x)
+        # [B, T, q|k|v, H, D], or [1, N, ...] packed: rotary on the real tokens only, then to [B, T, H, D] each
+        qkv = qkv.view(*qkv.shape[:2], 3, self.n_heads, self.head_dim)
+        q, k = step.unpack(apply_rotary(qkv[:, :, :2], step.cos, step.sin, step.qk_scale)).unbind(2)
+        v = step.unpack(qkv[:, :, 2])
+        bsz, steps = v.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if step.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -150,7 +170,7 @@ class Attention(nn.Module):
             step.cache.write_tokens(self.layer, step.positions, k, v, length=step.length)
             k, v, *scales = step.cache.layer_view(self.layer, bsz, step.length)
             out = cached_attention(q, k, v, step.lengths, *scales, mask=step.mask)
-        return self.c_proj(out.transpose(1, 2).reshape(bsz, steps, hidden))
+        return self.c_proj(step.pack(out.transpose(1, 2).reshape(bsz, steps, hidden)))
 
 
 class MLP(nn.Module):
@@ -200,10 +220,10 @@ class QWenModel(nn.Module):
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, **kw)
 
     def forward(self, input_ids: torch.Tensor, step: _StepInputs) -> torch.Tensor:
-        x = self.wte(input_ids)  # [B, T, C]
+        x = self.wte(step.pack(input_ids[..., None])[..., 0])  # [B, T, C], or [1, N, C] packed
         for block in self.h:
             x = block(x, step)
-        return x  # ln_f is applied by the caller, after picking the positions it needs
+        return x  # ln_f is applied by the caller, after picking the positions it needs (and packed)
 
 
 class QWenLMHeadModel(ChatMixin, nn.Module):
@@ -272,6 +292,7 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         cache: KVCache | None = None,
         ntk_alpha: float | torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
+        input_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 logits `[B, T, V]` for `input_ids` `[B, T]`, or `[B, V]` at `output_index` `[B]`.
 
@@ -279,12 +300,32 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         positions and each query at position p attends to cache indices 0..p of its row; without one, attention
         is causal over the input. `ntk_alpha` (float or `[B]`) defaults to the alpha of each row's last position
         + 1; it is 1 whenever `use_dynamic_ntk` is false.
+
+        `input_lengths` `[B]` (0..T): row b's real tokens are its first input_lengths[b], the rest padding. The
+        linear layers then skip the padding (a batched prefill of rows of different lengths costs their tokens,
+        not B * T); the real positions' logits are those of the unpadded rows, and the padding's are unspecified
+        (as is an `output_index` that points into the padding). With a cache, the padding writes zeros there.
         """
-        positions, length = self._check_inputs(input_ids, positions, cache, output_index)
+        positions, length = self._check_inputs(input_ids, positions, cache, output_index, input_lengths)
         step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length)
-        hidden = self.transformer(input_ids, step)  # [B, T, C]
+        if input_lengths is not None:
+            step.shape = input_ids.shape
+            steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+            real = steps < input_lengths[:, None]  # [B, T]
+            step.packed = None if bool(real.all()) else real.flatten().nonzero()[:, 0]
+            if step.packed is not None:
+                step.cos, step.sin = step.pack(step.cos), step.pack(step.sin)
+                step.qk_scale = None if step.qk_scale is None else step.pack(step.qk_scale)
+        hidden = self.transformer(input_ids, step)  # [B, T, C], or [1, N, C] packed
         if output_index is not None:
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), output_index]  # [B, C]
+            rows = torch.arange(input_ids.shape[0], device=hidden.device)
+            if step.packed is None:
+                hidden = hidden[rows, output_index]  # [B, C]
+            else:  # where each (row, index) sits among the packed tokens
+                where = torch.cumsum(real.flatten(), 0).view_as(real) - 1
+                hidden = hidden[0, where[rows, output_index].clamp(min=0)]
+        else:
+            hidden = step.unpack(hidden)
         return self.lm_head(self.transformer.ln_f(hidden)).float()
 
     def _check_inputs(
@@ -293,6 +334,7 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         positions: torch.Tensor | None,
         cache: KVCache | None,
         output_index: torch.Tensor | None,
+        input_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Validate user inputs with a single host sync; return positions `[B, T]` and max position + 1."""
         if (
@@ -315,6 +357,11 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
             )
         if output_index is not None and output_index.shape != (bsz,):
             raise ValueError(f"output_index must have shape [B] = ({bsz},), got {tuple(output_index.shape)}")
+        if input_lengths is not None and (input_lengths.shape != (bsz,) or input_lengths.is_floating_point()):
+            raise ValueError(
+                f"input_lengths must be an integer tensor [B] = ({bsz},), got {input_lengths.dtype} "
+                f"{tuple(input_lengths.shape)}"
+            )
         if cache is not None and bsz > cache.max_batch_size:
             raise ValueError(
                 f"batch of {bsz} rows does not fit the cache (max_batch_size={cache.max_batch_size}); "
@@ -326,6 +373,8 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
             stats += [positions.min(), positions.max()]
         if output_index is not None:
             stats += [output_index.min(), output_index.max()]
+        if input_lengths is not None:
+            stats += [input_lengths.min(), input_lengths.max()]
         values = torch.stack([s.long() for s in stats]).tolist()
         id_lo, id_hi = values[0], values[1]
         pos_lo, pos_hi = (values[2], values[3]) if given_positions else (0, steps - 1)
@@ -337,6 +386,11 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
             )
         if pos_lo < 0:
             raise ValueError(f"positions must be >= 0, got {pos_lo}")
+        if input_lengths is not None:
+            lo, hi = values[-2:]
+            values = values[:-2]
+            if lo < 0 or hi > steps:
+                raise ValueError(f"input_lengths must be in [0, {steps}], got range [{lo}, {hi}]")
         if output_index is not None and (values[-2] < 0 or values[-1] >= steps):
             raise ValueError(f"output_index must be in [0, {steps}), got range [{values[-2]}, {values[-1]}]")
         if cache is not None and pos_hi >= cache.max_seq_len:
@@ -366,7 +420,7 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
                 raise ValueError(f"ntk_alpha must be a float or a tensor [B], got shape {tuple(alpha.shape)}")
         cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rotary_emb_base, alpha)
         qk_scale = None
-        if c.use_logn_attn:
+        if c.use_logn_attn and length > c.seq_length:  # (logn is 1 up to seq_length: nothing to multiply)
             q_scale = logn_scale(positions, c.seq_length)[:, :, None, None, None]  # [B, T, 1, 1, 1]
             qk_scale = torch.cat((q_scale, torch.ones_like(q_scale)), dim=2)
         lengths = mask = None

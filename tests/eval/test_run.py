@@ -83,7 +83,7 @@ def test_batched_responses_equal_model_chat(make_tiny_model) -> None:
 
 
 def canned(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str], calls: list[int]) -> None:
-    def fake(model, tokenizer, prompts, max_new_tokens=None):
+    def fake(model, tokenizer, prompts, max_new_tokens=None, reuse=None):
         calls.append(len(prompts))
         return [answers[p] for p in prompts]
 
