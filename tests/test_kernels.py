@@ -267,11 +267,85 @@ def test_fast_quant_nan_and_empty_rows(kset, bits):
 def test_fast_quant_prefill_tiles(kset, monkeypatch, bits):
     """The fused dequantize + GEMM over several weight tiles (in cpu.gemm_dtype, output in x.dtype)."""
     monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 256)
+    monkeypatch.setattr(cpu, "_int16_gemm_ok", lambda *args: False)  # (tested below)
     qweight, q, scales, offs = _case(bits, 50, 256, 64, offsets=True)
     for xdtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x, bias = torch.randn(40, 256).to(xdtype), torch.randn(50)
         y = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, qweight, scales, offs, 64, bias)
         assert y.dtype == xdtype and _rel(y, _expected(x, q, scales, offs, 64, bias)) < tol
+
+
+needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the int16 GEMM is in the avx512 set only")
+
+
+@needs_avx512
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [17, 41])  # 41: three full 12-row tiles and a 5-row one
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_int16_gemm(bits, g, m, xdtype):
+    """`gemm_quant` (prefill: x as int16, vpdpwssd) against fp32 math: 70 outputs = two 32-channel blocks and a
+    partial one; with and without offsets and bias; output in x.dtype."""
+    ops = cpu.ops_for("avx512")
+    k, n = 512, 70
+    for offsets, with_bias in ((False, False), (True, True)):
+        qweight, q, scales, offs = _case(bits, n, k, g, offsets, seed=m + g + bits)
+        x = torch.randn(m, k).to(xdtype)
+        bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+        y = ops.gemm_quant(x, qweight, scales, offs, g, bias, bits)
+        assert y.shape == (m, n) and y.dtype == xdtype
+        tol = 1e-4 if xdtype == torch.float32 else 1e-2  # int16 x: ~3e-5
+        assert _rel(y, _expected(x, q, scales, offs, g, bias)) < tol
+
+
+@needs_avx512
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int16_gemm_outliers_nan_and_extremes(bits):
+    """Outlier channels (a per-row int16 scale), a NaN row (NaN out, other rows untouched), the largest weights
+    (int8 -128/127, int4 15) at the largest group (int32 sums of one group must not overflow)."""
+    ops = cpu.ops_for("avx512")
+    k, n, g = 1024, 33, cpu.INT16_GEMM_MAX_GROUP
+    qweight, q, scales, offs = _case(bits, n, k, g, offsets=True)
+    x = torch.randn(20, k)
+    x[:, ::97] *= 50
+    x[7, 3] = float("nan")
+    y = ops.gemm_quant(x, qweight, scales, offs, g, None, bits)
+    assert torch.isnan(y[7]).all() and not torch.isnan(y[torch.arange(20) != 7]).any()
+    keep = torch.arange(20) != 7
+    assert _rel(y[keep], _expected(x[keep], q, scales, offs, g, None)) < 1e-3
+    top = torch.full((n, k), 15 if bits == 4 else -128, dtype=torch.uint8 if bits == 4 else torch.int8)
+    top_w = kernels.pack_int4(top) if bits == 4 else top
+    x = torch.full((17, k), 3.0)  # every int16 x = 32767
+    y = ops.gemm_quant(x, top_w, scales, None, g, None, bits)
+    assert _rel(y, _expected(x, top, scales, None, g, None)) < 1e-4
+
+
+@needs_avx512
+def test_int16_gemm_dispatch(monkeypatch):
+    """Prefill (M > GEMV_MAX_ROWS) takes the int16 GEMM on the avx512 set where the bf16 GEMM is not the faster
+    path, for the shapes it takes; else dequantize + F.linear."""
+    monkeypatch.setenv(isa.ISA_ENV, "avx512")
+    used: list[str] = []
+    ops = cpu.ops_for("avx512")
+
+    class Spy:
+        def __getattr__(self, name):
+            used.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(cpu, "ops_for", lambda name: Spy())
+    monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
+    qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
+    x = torch.randn(30, 512)
+    y = kernels.linear_int4(x, qweight, scales, offs, 128)
+    assert "gemm_quant" in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-4
+    assert cpu._int16_gemm_ok("avx512", 512, 128) and not cpu._int16_gemm_ok("avx2", 512, 128)
+    assert not cpu._int16_gemm_ok("avx512", 512, 512) and not cpu._int16_gemm_ok("avx512", 96, 32)
+    monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: dtype)  # bf16 GEMM native and fast (AMX, Zen 5)
+    assert not cpu._int16_gemm_ok("avx512", 512, 128)
+    used.clear()
+    kernels.linear_int4(x, qweight, scales, offs, 128)
+    assert "gemm_quant" not in used and "dequant" in used
 
 
 @needs_fast

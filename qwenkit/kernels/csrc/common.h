@@ -114,6 +114,9 @@ inline void st1(void* p, FT t, int64_t i, float v) {
 at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
                       const std::optional<at::Tensor>& bias, int64_t bits);
+at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& offsets, int64_t group_size,
+                      const std::optional<at::Tensor>& bias, int64_t bits);
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
              int64_t group_size, int64_t bits, at::Tensor& out);
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);

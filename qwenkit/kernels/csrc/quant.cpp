@@ -11,6 +11,7 @@
 // nibble) and 2j + 1 (high nibble); for every 4 kL k the quantized x is stored as 2 kL even-k words then 2 kL
 // odd-k words, so the two nibble vectors multiply x without any weight shuffles.
 #include <cmath>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -260,6 +261,139 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   return out;
 }
 
+// ---------------------------------------------------------------- int16 x int8/int4 GEMM (prefill)
+//
+// Many rows of x (prefill): x quantized per row to int16 as for the GEMV, the weight unpacked block by block of
+// kGN output channels into int16 pairs laid out so that one vector holds one k pair of 16 channels, and
+// vpdpwssd sums pairs of products into int32 lanes = output channels. A register tile of kGM rows x 2 vectors
+// (24 accumulators) takes one broadcast of an x pair per row and two weight vectors per k pair; int32 sums are
+// flushed per weight group into an fp32 tile (times the group's scales, a vector of 16 channels).
+#if defined(QK_ISA_AVX512)
+constexpr int kGN = 32;  // output channels per block (2 vectors)
+constexpr int kGM = 12;  // rows per register tile
+
+struct GemmBlock {
+  std::vector<int32_t> w;   // [K / 2][kGN] int16 pairs (k, k + 1) of each channel
+  std::vector<float> s, o;  // [G][kGN] scales, offsets (0 past the last channel)
+  float bias[kGN];
+};
+
+// 4 bytes at byte offset off of rows n0 + lane (lanes past nb: row n0, their results are never stored).
+QK_INLINE vi gather_rows(const QArgs& a, int64_t n0, int64_t nb, int64_t half, int64_t off) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i rows = _mm512_min_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(int(16 * half))),
+                                        _mm512_set1_epi32(int(nb - 1)));
+  const __m512i idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(int(a.row_bytes)));
+  return _mm512_i32gather_epi32(idx, a.w + n0 * a.row_bytes + off, 1);
+}
+
+void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& blk) {
+  const int64_t KP = a.K / 2, G = a.G;
+  blk.w.resize(KP * kGN);
+  blk.s.assign(G * kGN, 0.f);
+  blk.o.assign(G * kGN, 0.f);
+  int32_t* d = blk.w.data();
+  const vi lo16 = _mm512_set1_epi32(0xffff), nib = _mm512_set1_epi32(0x0f);
+  for (int half = 0; half < 2; ++half) {
+    if (int4) {  // 4 bytes = 4 k pairs (low nibble k, high nibble k + 1)
+      for (int64_t kp = 0; kp < KP; kp += 4) {
+        const vi g = gather_rows(a, n0, nb, half, kp);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const vi b = _mm512_srli_epi32(g, 8 * i);
+          const vi pair = _mm512_or_si512(_mm512_and_si512(b, nib), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 4), nib), 16));
+          _mm512_storeu_si512(d + (kp + i) * kGN + 16 * half, pair);
+        }
+      }
+    } else {  // 4 bytes = 2 k pairs of int8, sign-extended to int16 each
+      for (int64_t kp = 0; kp < KP; kp += 2) {
+        const vi g = gather_rows(a, n0, nb, half, 2 * kp);
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; ++i) {
+          const vi lo = _mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(g, 24 - 16 * i), 24), lo16);
+          const vi hi = _mm512_slli_epi32(_mm512_srai_epi32(_mm512_slli_epi32(g, 16 - 16 * i), 24), 16);
+          _mm512_storeu_si512(d + (kp + i) * kGN + 16 * half, _mm512_or_si512(lo, hi));
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < kGN; ++j) blk.bias[j] = a.bias && j < nb ? ld1(a.bias, a.bt, n0 + j) : 0.f;
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      blk.s[g * kGN + j] = ld1(a.scales, a.st, (n0 + j) * G + g);
+      if (a.offsets) blk.o[g * kGN + j] = ld1(a.offsets, a.ot, (n0 + j) * G + g);
+    }
+}
+
+// Rows m0..m0+MT-1 times one packed block -> out (channels n0..n0+nb-1).
+template <int MT>
+QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g) {
+  const QuantX& xq = *a.xq;
+  const int64_t K = a.K, G = a.G, xs = xq.stride, gp = g / 2;  // k pairs per group
+  vf cf[MT][2];
+#pragma GCC unroll 12
+  for (int m = 0; m < MT; ++m) cf[m][0] = cf[m][1] = fzero();
+  const int32_t* xrow[MT];
+  for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int32_t*>(xq.q + (m0 + m) * xs);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    vi acc[MT][2];
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = izero();
+    const int32_t* wp = blk.w.data() + gi * gp * kGN;
+    const int64_t kp0 = gi * gp;
+    for (int64_t kp = 0; kp < gp; ++kp, wp += kGN) {
+      const vi w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 16);
+#pragma GCC unroll 12
+      for (int m = 0; m < MT; ++m) {
+        const vi xv = _mm512_set1_epi32(xrow[m][kp0 + kp]);
+        acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xv, w0);
+        acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], xv, w1);
+      }
+    }
+    const vf s0 = fload(blk.s.data() + gi * kGN), s1 = fload(blk.s.data() + gi * kGN + 16);
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) {
+      cf[m][0] = ffma(icvt_f(acc[m][0]), s0, cf[m][0]);
+      cf[m][1] = ffma(icvt_f(acc[m][1]), s1, cf[m][1]);
+    }
+  }
+  if (a.offsets) {  // + sum_g offset[n, g] * sum(xq over group g)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const vf o0 = fload(blk.o.data() + gi * kGN), o1 = fload(blk.o.data() + gi * kGN + 16);
+#pragma GCC unroll 12
+      for (int m = 0; m < MT; ++m) {
+        const vf gs = fset1(xq.gsum[(m0 + m) * xq.Gp + gi]);
+        cf[m][0] = ffma(o0, gs, cf[m][0]);
+        cf[m][1] = ffma(o1, gs, cf[m][1]);
+      }
+    }
+  }
+  const vf b0 = fload(blk.bias), b1 = fload(blk.bias + 16);
+  for (int m = 0; m < MT; ++m) {
+    const vf dx = fset1(xq.dx[m0 + m]);
+    const vf r0 = ffma(cf[m][0], dx, b0), r1 = ffma(cf[m][1], dx, b1);
+    const int64_t o = (m0 + m) * a.N + n0;
+    if (nb == kGN && a.outt == FT::BF16) {
+      fstore_bf16(static_cast<uint16_t*>(a.out) + o, r0);
+      fstore_bf16(static_cast<uint16_t*>(a.out) + o + 16, r1);
+    } else if (nb == kGN && a.outt == FT::F32) {
+      fstore(static_cast<float*>(a.out) + o, r0);
+      fstore(static_cast<float*>(a.out) + o + 16, r1);
+    } else {
+      alignas(64) float r[kGN];
+      fstore(r, r0), fstore(r + 16, r1);
+      for (int64_t j = 0; j < nb; ++j) st1(a.out, a.outt, o + j, r[j]);
+    }
+  }
+}
+
+template <int... Ms>
+void gemm_tile_m(int64_t mt, const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g,
+                 std::integer_sequence<int, Ms...>) {
+  ((mt == Ms + 1 ? (gemm_tile<Ms + 1>(a, blk, m0, n0, nb, g), true) : false) || ...);
+}
+#endif
+
 // ---------------------------------------------------------------- dequantize (prefill)
 
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
@@ -308,6 +442,59 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::opt
       }
     }
   });
+}
+
+at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& offsets, int64_t group_size,
+                      const std::optional<at::Tensor>& bias, int64_t bits) {
+#if defined(QK_ISA_AVX512)
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  const bool int4 = bits == 4;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "qweight must be contiguous 2-D");
+  TORCH_CHECK(qweight.scalar_type() == (int4 ? at::kByte : at::kChar), "qweight must be ", int4 ? "uint8" : "int8");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * (int4 ? 2 : 1) == K, "qweight does not match K = ", K);
+  TORCH_CHECK(K % 64 == 0 && group_size % 32 == 0 && group_size <= 256 && K % group_size == 0,
+              "unsupported K / group size for the GEMM: ", K, " / ", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
+              "scales must be contiguous [N, K / group_size]");
+  QArgs a{};
+  a.w = static_cast<const uint8_t*>(qweight.data_ptr());
+  a.K = K, a.N = N, a.row_bytes = qweight.size(1);
+  a.scales = scales.data_ptr(), a.st = ft_of(scales, "scales");
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->is_contiguous() && offsets->sizes() == scales.sizes(), "offsets must be shaped like scales");
+    a.offsets = offsets->data_ptr(), a.ot = ft_of(*offsets, "offsets");
+  }
+  a.G = G;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias must have N elements");
+    a.bias = bias->data_ptr(), a.bt = ft_of(*bias, "bias");
+  }
+  QuantX xq;
+  quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, false, xq);  // plain k order: pairs (k, k + 1)
+  a.xq = &xq;
+  at::Tensor out = at::empty({M, N}, x.options());
+  a.out = out.data_ptr(), a.outt = ft_of(out, "out");
+  const int64_t blocks = (N + kGN - 1) / kGN;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    GemmBlock blk;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kGN, nb = std::min<int64_t>(kGN, N - n0);
+      pack_block(a, int4, n0, nb, blk);
+      for (int64_t m0 = 0; m0 < M; m0 += kGM) {
+        const int64_t mt = std::min<int64_t>(kGM, M - m0);
+        gemm_tile_m(mt, a, blk, m0, n0, nb, group_size, std::make_integer_sequence<int, kGM>{});
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "gemm_quant needs the avx512 kernel set");
+#endif
 }
 
 }  // namespace QK_NS
