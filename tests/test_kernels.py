@@ -280,7 +280,7 @@ needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the int16 GEMM 
 
 @needs_avx512
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("g", [32, 64, 128, 256, 512])  # 512 = K: per channel (int32 sums flushed every 256 k)
 @pytest.mark.parametrize("m", [17, 41])  # 41: three full 12-row tiles and a 5-row one
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_int16_gemm(bits, g, m, xdtype):
@@ -302,9 +302,10 @@ def test_int16_gemm(bits, g, m, xdtype):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int16_gemm_outliers_nan_and_extremes(bits):
     """Outlier channels (a per-row int16 scale), a NaN row (NaN out, other rows untouched), the largest weights
-    (int8 -128/127, int4 15) at the largest group (int32 sums of one group must not overflow)."""
+    (int8 -128, int4 15) times the largest int16 x over a per-channel group of K = 5504 (flushed every 172 k)
+    and of 1024 (every 256 k): the int32 sums must not overflow."""
     ops = cpu.ops_for("avx512")
-    k, n, g = 1024, 33, cpu.INT16_GEMM_MAX_GROUP
+    k, n, g = 1024, 33, 1024
     qweight, q, scales, offs = _case(bits, n, k, g, offsets=True)
     x = torch.randn(20, k)
     x[:, ::97] *= 50
@@ -313,11 +314,13 @@ def test_int16_gemm_outliers_nan_and_extremes(bits):
     assert torch.isnan(y[7]).all() and not torch.isnan(y[torch.arange(20) != 7]).any()
     keep = torch.arange(20) != 7
     assert _rel(y[keep], _expected(x[keep], q, scales, offs, g, None)) < 1e-3
-    top = torch.full((n, k), 15 if bits == 4 else -128, dtype=torch.uint8 if bits == 4 else torch.int8)
-    top_w = kernels.pack_int4(top) if bits == 4 else top
-    x = torch.full((17, k), 3.0)  # every int16 x = 32767
-    y = ops.gemm_quant(x, top_w, scales, None, g, None, bits)
-    assert _rel(y, _expected(x, top, scales, None, g, None)) < 1e-4
+    for k in (1024, 5504):
+        top = torch.full((n, k), 15 if bits == 4 else -128, dtype=torch.uint8 if bits == 4 else torch.int8)
+        top_w = kernels.pack_int4(top) if bits == 4 else top
+        x = torch.full((17, k), 3.0)  # every int16 x = 32767
+        scale = torch.full((n, 1), 0.01)
+        y = ops.gemm_quant(x, top_w, scale, None, k, None, bits)
+        assert _rel(y, _expected(x, top, scale, None, k, None)) < 1e-4
 
 
 @needs_avx512
@@ -340,7 +343,7 @@ def test_int16_gemm_dispatch(monkeypatch):
     y = kernels.linear_int4(x, qweight, scales, offs, 128)
     assert "gemm_quant" in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-4
     assert cpu._int16_gemm_ok("avx512", 512, 128) and not cpu._int16_gemm_ok("avx2", 512, 128)
-    assert not cpu._int16_gemm_ok("avx512", 512, 512) and not cpu._int16_gemm_ok("avx512", 96, 32)
+    assert cpu._int16_gemm_ok("avx512", 5504, 5504) and not cpu._int16_gemm_ok("avx512", 96, 32)
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: dtype)  # bf16 GEMM native and fast (AMX, Zen 5)
     assert not cpu._int16_gemm_ok("avx512", 512, 128)
     used.clear()

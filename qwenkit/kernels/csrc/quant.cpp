@@ -325,23 +325,26 @@ void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& bl
     }
 }
 
-// Rows m0..m0+MT-1 times one packed block -> out (channels n0..n0+nb-1).
+// Rows m0..m0+MT-1 times one packed block -> out (channels n0..n0+nb-1). Int32 sums are flushed every fk k
+// (the group, or a part of a longer one: `gemm_flush_k`), times the scales of the group they lie in.
 template <int MT>
-QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g) {
+QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g,
+                         int64_t fk) {
   const QuantX& xq = *a.xq;
-  const int64_t K = a.K, G = a.G, xs = xq.stride, gp = g / 2;  // k pairs per group
+  const int64_t K = a.K, G = a.G, xs = xq.stride, fp = fk / 2;  // k pairs per flush
   vf cf[MT][2];
 #pragma GCC unroll 12
   for (int m = 0; m < MT; ++m) cf[m][0] = cf[m][1] = fzero();
   const int32_t* xrow[MT];
   for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int32_t*>(xq.q + (m0 + m) * xs);
-  for (int64_t gi = 0; gi < G; ++gi) {
+  for (int64_t f = 0; f < K / fk; ++f) {
+    const int64_t gi = f * fk / g;
     vi acc[MT][2];
 #pragma GCC unroll 12
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = izero();
-    const int32_t* wp = blk.w.data() + gi * gp * kGN;
-    const int64_t kp0 = gi * gp;
-    for (int64_t kp = 0; kp < gp; ++kp, wp += kGN) {
+    const int32_t* wp = blk.w.data() + f * fp * kGN;
+    const int64_t kp0 = f * fp;
+    for (int64_t kp = 0; kp < fp; ++kp, wp += kGN) {
       const vi w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 16);
 #pragma GCC unroll 12
       for (int m = 0; m < MT; ++m) {
@@ -389,8 +392,17 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
 
 template <int... Ms>
 void gemm_tile_m(int64_t mt, const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g,
-                 std::integer_sequence<int, Ms...>) {
-  ((mt == Ms + 1 ? (gemm_tile<Ms + 1>(a, blk, m0, n0, nb, g), true) : false) || ...);
+                 int64_t fk, std::integer_sequence<int, Ms...>) {
+  ((mt == Ms + 1 ? (gemm_tile<Ms + 1>(a, blk, m0, n0, nb, g, fk), true) : false) || ...);
+}
+
+// k per int32 flush: the group, halved while above kGemmMaxFlush and still a whole number of k pairs
+// (int32 lanes sum fk products of at most 128 * 32767: fk <= 256 cannot overflow).
+constexpr int64_t kGemmMaxFlush = 256;
+inline int64_t gemm_flush_k(int64_t g) {
+  int64_t fk = g;
+  while (fk > kGemmMaxFlush && fk % 4 == 0) fk /= 2;
+  return fk;
 }
 #endif
 
@@ -456,8 +468,9 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   TORCH_CHECK(qweight.scalar_type() == (int4 ? at::kByte : at::kChar), "qweight must be ", int4 ? "uint8" : "int8");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) * (int4 ? 2 : 1) == K, "qweight does not match K = ", K);
-  TORCH_CHECK(K % 64 == 0 && group_size % 32 == 0 && group_size <= 256 && K % group_size == 0,
+  TORCH_CHECK(K % 64 == 0 && group_size % 32 == 0 && K % group_size == 0 && gemm_flush_k(group_size) <= kGemmMaxFlush,
               "unsupported K / group size for the GEMM: ", K, " / ", group_size);
+  const int64_t fk = gemm_flush_k(group_size);
   const int64_t G = K / group_size;
   TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
               "scales must be contiguous [N, K / group_size]");
@@ -487,7 +500,7 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
       pack_block(a, int4, n0, nb, blk);
       for (int64_t m0 = 0; m0 < M; m0 += kGM) {
         const int64_t mt = std::min<int64_t>(kGM, M - m0);
-        gemm_tile_m(mt, a, blk, m0, n0, nb, group_size, std::make_integer_sequence<int, kGM>{});
+        gemm_tile_m(mt, a, blk, m0, n0, nb, group_size, fk, std::make_integer_sequence<int, kGM>{});
       }
     }
   });
