@@ -339,9 +339,12 @@ def test_int16_gemm_dispatch(monkeypatch):
     monkeypatch.setattr(cpu, "ops_for", lambda name: Spy())
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
     qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
-    x = torch.randn(30, 512)
+    x = torch.randn(30, 512).bfloat16()
     y = kernels.linear_int4(x, qweight, scales, offs, 128)
-    assert "gemm_quant" in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-4
+    assert "gemm_quant" in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-2
+    used.clear()
+    kernels.linear_int4(x.float(), qweight, scales, offs, 128)  # fp32 activations: exact fp32 prefill
+    assert "gemm_quant" not in used and "dequant" in used
     assert cpu._int16_gemm_ok("avx512", 512, 128) and not cpu._int16_gemm_ok("avx2", 512, 128)
     assert cpu._int16_gemm_ok("avx512", 5504, 5504) and not cpu._int16_gemm_ok("avx512", 96, 32)
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: dtype)  # bf16 GEMM native and fast (AMX, Zen 5)
@@ -349,6 +352,7 @@ def test_int16_gemm_dispatch(monkeypatch):
     used.clear()
     kernels.linear_int4(x, qweight, scales, offs, 128)
     assert "gemm_quant" not in used and "dequant" in used
+    assert not cpu._int16_gemm_ok("avx512", 512, 128, torch.float32)
 
 
 @needs_fast
