@@ -347,6 +347,13 @@ def test_int16_gemm_dispatch(monkeypatch):
     assert "gemm_quant" not in used and "dequant" in used
     assert cpu._int16_gemm_ok("avx512", 512, 128) and not cpu._int16_gemm_ok("avx2", 512, 128)
     assert cpu._int16_gemm_ok("avx512", 5504, 5504) and not cpu._int16_gemm_ok("avx512", 96, 32)
+    for rows, bits, op in ((8, 4, "gemv_quant"), (cpu.INT4_GEMM_MIN_ROWS, 4, "gemm_quant"), (16, 8, "gemv_quant")):
+        used.clear()  # batched decode: int4 from INT4_GEMM_MIN_ROWS rows on the GEMM, int8 on the GEMV up to 16
+        qw, qq, sc, of = _case(bits, 40, 512, 128, offsets=True)
+        xr = torch.randn(rows, 512).bfloat16()
+        y = (kernels.linear_int4 if bits == 4 else kernels.linear_int8)(xr, qw, sc, of, 128)
+        assert op in used and ("gemm_quant" in used) == (op == "gemm_quant")
+        assert _rel(y, _expected(xr, qq, sc, of, 128, None)) < 1e-2
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: dtype)  # bf16 GEMM native and fast (AMX, Zen 5)
     assert not cpu._int16_gemm_ok("avx512", 512, 128)
     used.clear()

@@ -76,6 +76,10 @@ REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (el
 # int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
 BF16_GEMV_MAX_ELEMENTS = 16384
+# int4 rows from which the int16 GEMM (where `_int16_gemm_ok`) beats the GEMV, Intel Xeon VM, 2 threads, ms per
+# matrix GEMV / GEMM: M = 12 6144x2048 1.43-1.75 / 1.72-1.86, 2048x5504 2.67 / 1.70, 151936x2048 34-45 / 31-33;
+# M = 16 2.24 / 2.05, 3.62 / 2.04, 51-62 / 51-53; M = 8 1.01 / 1.48. (int8: GEMV up to 16 rows, it wins at K = 2048.)
+INT4_GEMM_MIN_ROWS = 12
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
 # A bf16 weight converted to fp32 tiles costs ~4 ms per 5504x2048 matrix and call (2 threads): where the bf16
 # GEMM is native but slower than fp32 (`gemm_dtype`), that pays from this many rows of x only. Intel Xeon VM
@@ -275,9 +279,11 @@ def linear_quant(
         _contig(offsets),
         _contig(bias),
     )
-    if x2.shape[0] <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits):
+    rows, gemm = x2.shape[0], _int16_gemm_ok(kset, k, group_size, x2.dtype)
+    gemm_rows = GEMV_MAX_ROWS + 1 if bits == 8 or not gemm else INT4_GEMM_MIN_ROWS
+    if rows < gemm_rows and rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits):
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
-    elif _int16_gemm_ok(kset, k, group_size, x2.dtype):
+    elif gemm:
         y = ops.gemm_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     else:
         y = _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits)
