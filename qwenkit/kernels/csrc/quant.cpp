@@ -263,11 +263,12 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 // ---------------------------------------------------------------- int16 x int8/int4 GEMM (prefill)
 //
-// Many rows of x (prefill): x quantized per row to int16 as for the GEMV, the weight unpacked block by block of
-// kGN output channels into int16 pairs laid out so that one vector holds one k pair of 16 channels, and
-// vpdpwssd sums pairs of products into int32 lanes = output channels. A register tile of kGM rows x 2 vectors
-// (24 accumulators) takes one broadcast of an x pair per row and two weight vectors per k pair; int32 sums are
-// flushed per weight group into an fp32 tile (times the group's scales, a vector of 16 channels).
+// Many rows of x (prefill; int4 batched decode from 12 rows, see cpu.py): x quantized per row to int16 as for
+// the GEMV, the weight unpacked block by block of kGN output channels (a 4-byte gather per 16 rows) into int16
+// pairs laid out so that one vector holds one k pair of 16 channels, and vpdpwssd sums pairs of products into
+// int32 lanes = output channels. A register tile of kGM rows x 2 vectors (24 accumulators) takes one broadcast
+// of an x pair per row and two weight vectors per k pair; int32 sums are flushed per group (or every <= 256 k of
+// a longer one) into fp32 sums, times the group's scales (a vector of 16 channels).
 #if defined(QK_ISA_AVX512)
 constexpr int kGN = 32;  // output channels per block (2 vectors)
 constexpr int kGM = 12;  // rows per register tile
@@ -278,7 +279,7 @@ struct GemmBlock {
   float bias[kGN];
 };
 
-// 4 bytes at byte offset off of rows n0 + lane (lanes past nb: row n0, their results are never stored).
+// 4 bytes at byte offset off of rows n0 + 16 half + lane (lanes past nb read row nb - 1; never stored).
 QK_INLINE vi gather_rows(const QArgs& a, int64_t n0, int64_t nb, int64_t half, int64_t off) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i rows = _mm512_min_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(int(16 * half))),
