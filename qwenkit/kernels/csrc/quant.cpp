@@ -205,48 +205,56 @@ void qrange_m(const QArgs& a, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
 // k per int32 accumulation. int8, kL = 8: 4096 / 8 products per lane * 128 * 32767 = 2147418112 < 2^31 - 1.
 constexpr int64_t kMaxFlush = 4096;
 
-}  // namespace
-
-at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& offsets, int64_t group_size,
-                      const std::optional<at::Tensor>& bias, int64_t bits) {
+// The checks both quantized linear ops make; fills a's weight, scale, offset and bias fields.
+void quant_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const std::optional<at::Tensor>& offsets, int64_t group_size, const std::optional<at::Tensor>& bias,
+                int64_t bits, QArgs& a) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   const bool int4 = bits == 4;
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "qweight must be contiguous 2-D");
   TORCH_CHECK(qweight.scalar_type() == (int4 ? at::kByte : at::kChar), "qweight must be ", int4 ? "uint8" : "int8");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), ck = chunk_k(int4);
+  const int64_t K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) * (int4 ? 2 : 1) == K, "qweight does not match K = ", K);
-  TORCH_CHECK(K % ck == 0 && group_size % 32 == 0 && K % group_size == 0, "unsupported K / group size: ", K, " / ",
-              group_size);
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "unsupported K / group size: ", K, " / ", group_size);
   const int64_t G = K / group_size;
   TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
               "scales must be contiguous [N, K / group_size]");
-  const bool split = group_size < ck;  // int4 with group 32 on 16-lane vectors
-  TORCH_CHECK(!split || 2 * group_size == ck, "group size ", group_size, " is below half a weight chunk");
-  int64_t F = std::max(group_size, ck);
-  while (F > kMaxFlush && (F / 2) % ck == 0) F /= 2;
-  TORCH_CHECK(F <= kMaxFlush && F % ck == 0, "group size ", group_size, " cannot be split into blocks of <= ", kMaxFlush);
-
-  QArgs a{};
   a.w = static_cast<const uint8_t*>(qweight.data_ptr());
-  a.K = K, a.N = N, a.row_bytes = qweight.size(1);
+  a.K = K, a.N = N, a.row_bytes = qweight.size(1), a.G = G;
   a.scales = scales.data_ptr(), a.st = ft_of(scales, "scales");
   a.offsets = nullptr;
   if (offsets.has_value()) {
     TORCH_CHECK(offsets->is_contiguous() && offsets->sizes() == scales.sizes(), "offsets must be shaped like scales");
     a.offsets = offsets->data_ptr(), a.ot = ft_of(*offsets, "offsets");
   }
-  a.G = G, a.F = F, a.nflush = K / F;
-  a.gmul = split ? 2 : 1;  // split: F = ck, two groups
-  a.gshift = 0;
-  while ((F << a.gshift) < group_size) ++a.gshift;  // group_size / F is a power of two
   a.bias = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias must have N elements");
     a.bias = bias->data_ptr(), a.bt = ft_of(*bias, "bias");
   }
+}
+
+}  // namespace
+
+at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& offsets, int64_t group_size,
+                      const std::optional<at::Tensor>& bias, int64_t bits) {
+  QArgs a{};
+  quant_args(x, qweight, scales, offsets, group_size, bias, bits, a);
+  const bool int4 = bits == 4;
+  const int64_t M = x.size(0), K = a.K, N = a.N, ck = chunk_k(int4);
+  TORCH_CHECK(K % ck == 0, "unsupported K / group size: ", K, " / ", group_size);
+  const bool split = group_size < ck;  // int4 with group 32 on 16-lane vectors
+  TORCH_CHECK(!split || 2 * group_size == ck, "group size ", group_size, " is below half a weight chunk");
+  int64_t F = std::max(group_size, ck);
+  while (F > kMaxFlush && (F / 2) % ck == 0) F /= 2;
+  TORCH_CHECK(F <= kMaxFlush && F % ck == 0, "group size ", group_size, " cannot be split into blocks of <= ", kMaxFlush);
+  a.F = F, a.nflush = K / F;
+  a.gmul = split ? 2 : 1;  // split: F = ck, two groups
+  a.gshift = 0;
+  while ((F << a.gshift) < group_size) ++a.gshift;  // group_size / F is a power of two
   QuantX xq;
   quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, int4, xq);
   a.xq = &xq;
@@ -461,33 +469,13 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
                       const std::optional<at::Tensor>& bias, int64_t bits) {
 #if defined(QK_ISA_AVX512)
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  const bool int4 = bits == 4;
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "qweight must be contiguous 2-D");
-  TORCH_CHECK(qweight.scalar_type() == (int4 ? at::kByte : at::kChar), "qweight must be ", int4 ? "uint8" : "int8");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) * (int4 ? 2 : 1) == K, "qweight does not match K = ", K);
-  TORCH_CHECK(K % 64 == 0 && group_size % 32 == 0 && K % group_size == 0 && gemm_flush_k(group_size) <= kGemmMaxFlush,
-              "unsupported K / group size for the GEMM: ", K, " / ", group_size);
-  const int64_t fk = gemm_flush_k(group_size);
-  const int64_t G = K / group_size;
-  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
-              "scales must be contiguous [N, K / group_size]");
   QArgs a{};
-  a.w = static_cast<const uint8_t*>(qweight.data_ptr());
-  a.K = K, a.N = N, a.row_bytes = qweight.size(1);
-  a.scales = scales.data_ptr(), a.st = ft_of(scales, "scales");
-  if (offsets.has_value()) {
-    TORCH_CHECK(offsets->is_contiguous() && offsets->sizes() == scales.sizes(), "offsets must be shaped like scales");
-    a.offsets = offsets->data_ptr(), a.ot = ft_of(*offsets, "offsets");
-  }
-  a.G = G;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias must have N elements");
-    a.bias = bias->data_ptr(), a.bt = ft_of(*bias, "bias");
-  }
+  quant_args(x, qweight, scales, offsets, group_size, bias, bits, a);
+  const bool int4 = bits == 4;
+  const int64_t M = x.size(0), K = a.K, N = a.N;
+  TORCH_CHECK(K % 64 == 0 && gemm_flush_k(group_size) <= kGemmMaxFlush, "unsupported K / group size for the GEMM: ", K,
+              " / ", group_size);
+  const int64_t fk = gemm_flush_k(group_size);
   QuantX xq;
   quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, false, xq);  // plain k order: pairs (k, k + 1)
   a.xq = &xq;
