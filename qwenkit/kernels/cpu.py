@@ -16,8 +16,9 @@ the weight is dequantized in row tiles (fused C++ kernel, ~50x faster than the r
 multiplied with F.linear in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32 (AMX,
 or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the kernels' `dot_rates`), else
 fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it). Where that is fp32 on the avx512 set, int8/int4 prefill with
-bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV, weight blocks of 32
-channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the Intel Xeon VM).
+bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV,
+weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the
+Intel Xeon VM), and so does int4 decode from INT4_GEMM_MIN_ROWS rows.
 
 Measured on AMD EPYC Zen 3 (family 25 model 1; AVX2/FMA/F16C, no AVX-512), 2 cores, avx2 set, other jobs
 sharing the machine (so medians of noisy runs):
@@ -280,8 +281,8 @@ def linear_quant(
         _contig(bias),
     )
     rows, gemm = x2.shape[0], _int16_gemm_ok(kset, k, group_size, x2.dtype)
-    gemm_rows = GEMV_MAX_ROWS + 1 if bits == 8 or not gemm else INT4_GEMM_MIN_ROWS
-    if rows < gemm_rows and rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits):
+    int4_on_gemm = gemm and bits == 4 and rows >= INT4_GEMM_MIN_ROWS
+    if rows <= GEMV_MAX_ROWS and not int4_on_gemm and _gemv_ok(kset, k, group_size, bits):
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     elif gemm:
         y = ops.gemm_quant(x2, qweight, scales, offsets, group_size, bias, bits)
@@ -294,10 +295,11 @@ def _int16_gemm_ok(kset: str, k: int, group_size: int, xdtype: torch.dtype = tor
     """Prefill of int8/int4 weights with the int16 GEMM (csrc/quant.cpp `gemm_quant`: x quantized per row to
     int16 as for the GEMV, vpdpwssd): avx512 set, shapes it takes, bf16 activations (the int16 error, ~3e-5
     relative, is far below bf16's rounding but not below fp32's: fp32 models keep exact fp32 prefill), and only
-    where the bf16 GEMM is not the faster path (`gemm_dtype` says fp32). Intel Xeon VM (AVX-512 BF16, no AMX; vpdpwssd at the FMA's 2 per cycle,
-    vdpbf16ps at 1 per 2), M = 512, 2 threads, ms per matrix, dequantize + fp32 F.linear / int16 GEMM: int4
-    6144x2048 50.6 / 31.2, 2048x5504 49.4 / 22.8; int8 49.2 / 23.6, 43.8 / 21.6. Where oneDNN's bf16 GEMM
-    is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays: not measured against this GEMM."""
+    where the bf16 GEMM is not the faster path (`gemm_dtype` says fp32). Intel Xeon VM (AVX-512 BF16, no AMX;
+    vpdpwssd at the FMA's 2 per cycle, vdpbf16ps at 1 per 2), M = 512, 2 threads, ms per matrix, dequantize +
+    fp32 F.linear / int16 GEMM: int4 6144x2048 50.6 / 31.2, 2048x5504 49.4 / 22.8; int8 49.2 / 23.6, 43.8 /
+    21.6. Where oneDNN's bf16 GEMM is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays: not
+    measured against this GEMM."""
     # (any group that is a multiple of 32: the kernel flushes its int32 sums every <= 256 k)
     return (
         kset == "avx512"
