@@ -307,23 +307,15 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         (as is an `output_index` that points into the padding). With a cache, the padding writes zeros there.
         """
         positions, length = self._check_inputs(input_ids, positions, cache, output_index, input_lengths)
-        step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length)
-        if input_lengths is not None:
-            step.shape = input_ids.shape
-            steps = torch.arange(input_ids.shape[1], device=input_ids.device)
-            real = steps < input_lengths[:, None]  # [B, T]
-            step.packed = None if bool(real.all()) else real.flatten().nonzero()[:, 0]
-            if step.packed is not None:
-                step.cos, step.sin = step.pack(step.cos), step.pack(step.sin)
-                step.qk_scale = None if step.qk_scale is None else step.pack(step.qk_scale)
+        step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length, input_lengths)
         hidden = self.transformer(input_ids, step)  # [B, T, C], or [1, N, C] packed
         if output_index is not None:
             rows = torch.arange(input_ids.shape[0], device=hidden.device)
             if step.packed is None:
                 hidden = hidden[rows, output_index]  # [B, C]
-            else:  # where each (row, index) sits among the packed tokens
-                where = torch.cumsum(real.flatten(), 0).view_as(real) - 1
-                hidden = hidden[0, where[rows, output_index].clamp(min=0)]
+            else:  # where each (row, index) sits among the packed tokens (sorted flat indices)
+                where = torch.searchsorted(step.packed, rows * input_ids.shape[1] + output_index)
+                hidden = hidden[0, where.clamp(max=step.packed.numel() - 1)]
         else:
             hidden = step.unpack(hidden)
         return self.lm_head(self.transformer.ln_f(hidden)).float()
@@ -407,6 +399,7 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         cache: KVCache | None,
         ntk_alpha: float | torch.Tensor | None,
         length: int,
+        input_lengths: torch.Tensor | None = None,
     ) -> _StepInputs:
         c = self.config
         device = input_ids.device
@@ -429,6 +422,13 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
             # [B, 1, T, length]: key index s is visible to the query at position p iff s <= p (same row).
             key_idx = torch.arange(length, device=device)
             mask = (key_idx[None, None, :] <= positions[:, :, None])[:, None]
-        return _StepInputs(
+        step = _StepInputs(
             positions, cos[:, :, None], sin[:, :, None], qk_scale, cache, length, lengths, mask
         )
+        if input_lengths is not None:
+            real = torch.arange(input_ids.shape[1], device=device) < input_lengths[:, None]  # [B, T]
+            if not bool(real.all()):
+                step.shape, step.packed = input_ids.shape, real.flatten().nonzero()[:, 0]
+                step.cos, step.sin = step.pack(step.cos), step.pack(step.sin)
+                step.qk_scale = None if step.qk_scale is None else step.pack(step.qk_scale)
+        return step
