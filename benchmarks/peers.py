@@ -8,6 +8,12 @@ Checkpoint: the full-size synthetic Qwen-1.8B (random bf16 weights, official lay
 
 Set up (once): pip install -e ".[test]" && CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python (builds llama.cpp, ~15 min on 2 cores)
 Run:           python benchmarks/peers.py --threads 2 --out benchmarks/RESULTS.md
+AVX2 on an AVX-512 machine (issue 9's stand-in for an AVX2-only CPU): build llama.cpp for AVX2 only into a
+directory of its own, then run every case restricted to AVX2 (qwenkit's avx2 kernel set and fp32 prefill GEMMs,
+PyTorch/oneDNN/MKL capped at AVX2):
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+    pip install --no-deps --target /work/llama-avx2 llama-cpp-python==0.3.36
+  python benchmarks/peers.py --threads 2 --emulate-avx2 --llama-cpp /work/llama-avx2
 llama.cpp's GGUF files are converted from the same checkpoint with the converter in llama-cpp-python's source
 distribution (fetched with pip download), fed with qwenkit's tokenizer instead of transformers' remote code.
 """
@@ -161,7 +167,8 @@ def work_llamacpp(gguf: str, threads: int, gen: int, lens: list[int], runs: int,
     decode_once(8)
     decode = [decode_once(gen) for _ in range(runs)]
     prefill = {n: [prefill_once(n) for _ in range(runs)] for n in lens}
-    return {"decode": decode, "prefill": prefill}
+    built = llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip()
+    return {"decode": decode, "prefill": prefill, "cpu": f"{cpu_name()}; llama.cpp {built}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,11 +255,21 @@ def gguf_file(ckpt: str, cache: Path, kind: str) -> Path:
 # Driver
 
 
+# What an AVX2-only CPU would run: qwenkit's avx2 kernel set with fp32 prefill GEMMs (as without bf16
+# hardware), and PyTorch's own kernels (ATen, oneDNN, MKL) capped at AVX2.
+AVX2_ONLY_ENV = {"QWENKIT_ISA": "avx2", "QWENKIT_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
+
+
 def run_case(system: str, args: argparse.Namespace) -> dict:
     """One system in a fresh process; a crash (e.g. a segfault) is recorded, not fatal."""
     spec = [system, args.checkpoint, str(args.threads), str(args.gen), ",".join(map(str, args.prompt_lens)),
             str(args.runs), str(args.cache)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.emulate_avx2:
+        env.update(AVX2_ONLY_ENV)
+    if args.llama_cpp and system.startswith("llama.cpp"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.llama_cpp), env.get("PYTHONPATH")]))
     try:
         # The input files (quantized checkpoint, GGUF) are made first, in a process of their own: their peak
         # memory is not the measured case's.
@@ -312,7 +329,13 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; "
         f"torch {__import__('torch').__version__}; checkpoint {Path(args.checkpoint).name}; decode {args.gen} "
-        f"tokens after a 1-token prompt, greedy; medians of {args.runs} runs.",
+        f"tokens after a 1-token prompt, greedy; medians of {args.runs} runs"
+        + (
+            f"; AVX2 only: {' '.join(f'{k}={v}' for k, v in AVX2_ONLY_ENV.items())}"
+            if args.emulate_avx2
+            else ""
+        )
+        + ".",
         *[f"{r['system']}: {r['cpu']}" for r in results if "cpu" in r],
         "",
         head + " | peak RSS |",
@@ -341,6 +364,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qwenkit" / "peers")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="restrict every case to AVX2 (see the docstring; pair with --llama-cpp)")  # fmt: skip
+    p.add_argument("--llama-cpp", type=Path, default=None,
+                   help="a llama-cpp-python installed with pip --target DIR (e.g. an AVX2-only build), used "
+                        "instead of the environment's for the llama.cpp cases")  # fmt: skip
     p.add_argument("--timeout", type=int, default=3600, help="seconds per case")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     p.add_argument("--json", type=Path, default=None, help="write raw figures here")

@@ -202,6 +202,34 @@ def cached_attention(
     return out
 
 
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The official RMSNorm: normalise in fp32, cast back to x.dtype, then scale by the weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`reference_rms_norm`, as one C++ kernel on CPU where it applies (the sum of squares in another order:
+    equal to float tolerance, not bit for bit)."""
+    y = _cpu.rms_norm(x, weight, eps)
+    return reference_rms_norm(x, weight, eps) if y is None else y
+
+
+def rotary_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_scale: torch.Tensor | None,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    cache: tuple[torch.Tensor, ...],
+) -> torch.Tensor | None:
+    """Rotary of q and k of tokens `qkv` `[N, 3, H, D]`, and k, v written into one layer's cache buffers at
+    (rows[n], positions[n]): the rotated q `[N, H, D]`, bit for bit what the model's rotary and cache write
+    give, or None where the C++ kernel does not apply (the caller then runs those). See `cpu.rotary_kv`."""
+    return _cpu.rotary_kv(qkv, cos, sin, q_scale, rows, positions, cache)
+
+
 def describe_cpu() -> str:
     """The CPU model, its instruction-set flags that matter here, and the kernel set in use (for benchmarks)."""
     return _isa.describe(_isa.cpu_flags(), _cpu.kernel_set())

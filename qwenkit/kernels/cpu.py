@@ -19,6 +19,10 @@ fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it). Where that is fp32 on the avx512 
 bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV,
 weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the
 Intel Xeon VM), and so does int4 decode from INT4_GEMM_MIN_ROWS rows.
+Token-wise ops (csrc/token_ops.cpp): RMSNorm and rotary + the KV cache write, one kernel each instead of a
+chain of small PyTorch ops (at decode their dispatch, not their arithmetic, is the cost): int4 decode of the
+full-size 1.8B on the Intel Xeon VM, 2 threads, 32 tokens, alternating in one process: 13.3-15.0 tok/s with
+them, 11.7-14.0 without (about +8%).
 
 Measured on AMD EPYC Zen 3 (family 25 model 1; AVX2/FMA/F16C, no AVX-512), 2 cores, avx2 set, other jobs
 sharing the machine (so medians of noisy runs):
@@ -90,7 +94,7 @@ FP32_TILES_MIN_ROWS = 128
 
 _CSRC = Path(__file__).with_name("csrc")
 # + common.h, simd.h
-_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "attention.cpp", "ops.cpp")]
+_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "attention.cpp", "token_ops.cpp", "ops.cpp")]
 # -fopenmp: at::parallel_for is a header template that runs serially without it; the extension then shares
 # the libgomp.so.1 that torch has already loaded (same soname), so there is one thread pool.
 _CFLAGS = ["-O3", "-mtune=native", "-fopenmp"]
@@ -455,3 +459,44 @@ def decode_attention(
 
 def _contig_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The model's RMSNorm (fp32 normalisation, cast to x.dtype, times the weight in x.dtype) as one kernel
+    (csrc/token_ops.cpp) instead of PyTorch's eight ops; None when it does not apply (weight of another dtype,
+    not CPU, autograd, no kernel set)."""
+    if x.dim() == 0 or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or not _plain_cpu(x, weight):
+        return None
+    kset = kernel_set()
+    if kset is None:
+        return None
+    return ops_for(kset).rms_norm(x.contiguous(), weight.contiguous(), float(eps))
+
+
+def rotary_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_scale: torch.Tensor | None,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    cache: tuple[torch.Tensor, ...],
+) -> torch.Tensor | None:
+    """Rotary of q and k for tokens `qkv` `[N, 3, H, D]` (cos / signed sin `[N, D]` fp32, logn `q_scale` `[N]`
+    or None), and k, v written into one layer's cache buffers `cache` (k, v `[B, H, S, D]`, + fp32 scales
+    `[B, H, S]` for int8) at (rows[n], positions[n]); returns the rotated q `[N, H, D]` in qkv.dtype. Same
+    rounding as the model's apply_rotary + KVCache.write_tokens (one kernel instead of ~10-25 small ops per
+    layer); None when it does not apply."""
+    if qkv.dim() != 4 or cos.shape != (qkv.shape[0], qkv.shape[-1]) or not _plain_cpu(qkv, cos, sin, q_scale):
+        return None
+    k_cache, v_cache, *scales = cache
+    if k_cache.device.type != "cpu" or k_cache.dtype not in (torch.int8, *_FLOATS) or k_cache.stride(-1) != 1:
+        return None
+    kset = kernel_set()
+    if kset is None:
+        return None
+    k_scale, v_scale = scales if scales else (None, None)
+    return ops_for(kset).rotary_kv(
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), _contig(q_scale), rows, positions,
+        k_cache, v_cache, k_scale, v_scale,
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation.chat import ChatMixin
-from ..kernels import cached_attention, linear_bf16
+from ..kernels import cached_attention, linear_bf16, rms_norm, rotary_kv
 from .config import QwenConfig
 from .kv_cache import KVCache, parse_kv_cache_dtype
 
@@ -103,8 +103,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # (one C++ kernel on CPU instead of eight ops)
 
 
 @dataclass
@@ -124,6 +123,13 @@ class _StepInputs:
     # the token-wise layers (embedding, norms, linears) run on as one [1, N, C] sequence; None: all are real.
     packed: torch.Tensor | None = None
     shape: tuple[int, int] = (0, 0)  # (B, T) of the input
+    # With a cache: per token of the (packed) input, its cache row and position, rotary tables [N, D] and logn
+    # factor [N] (None: 1), for the fused rotary + cache write (`kernels.rotary_kv`).
+    token_rows: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
+    token_cos: torch.Tensor | None = None
+    token_sin: torch.Tensor | None = None
+    token_q_scale: torch.Tensor | None = None
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[1, N, ...] packed -> [B, T, ...], zeros at the padding (finite keys/values no real query sees)."""
@@ -155,19 +161,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: _StepInputs) -> torch.Tensor:
         hidden = x.shape[-1]
         qkv = self.c_attn(x)
-        # [B, T, q|k|v, H, D], or [1, N, ...] packed: rotary on the real tokens only, then to [B, T, H, D] each
+        # [B, T, q|k|v, H, D], or [1, N, ...] packed: rotary on the real tokens only, then to [B, H, T, D] each
         qkv = qkv.view(*qkv.shape[:2], 3, self.n_heads, self.head_dim)
-        q, k = step.unpack(apply_rotary(qkv[:, :, :2], step.cos, step.sin, step.qk_scale)).unbind(2)
-        v = step.unpack(qkv[:, :, 2])
-        bsz, steps = v.shape[:2]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q = None
+        if step.token_rows is not None:  # with a cache: rotary + cache write in one kernel, where it applies
+            q = rotary_kv(
+                qkv.flatten(0, 1), step.token_cos, step.token_sin, step.token_q_scale, step.token_rows,
+                step.token_positions, tuple(buf[self.layer] for buf in step.cache.parts),
+            )  # fmt: skip
+        if q is not None:
+            q = step.unpack(q.view(*qkv.shape[:2], self.n_heads, self.head_dim)).transpose(1, 2)
+        else:
+            q, k = step.unpack(apply_rotary(qkv[:, :, :2], step.cos, step.sin, step.qk_scale)).unbind(2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), step.unpack(qkv[:, :, 2]).transpose(1, 2)
+            if step.cache is not None:
+                step.cache.write_tokens(self.layer, step.positions, k, v, length=step.length)
+        bsz, steps = q.shape[0], q.shape[2]
         if step.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Keys come from the cache window [B, H, length, D] (+ int8 scales [B, H, length]); each query sees
             # indices 0..p of its row. Decode on CPU: the C++ kernel (fp32 math, int8 read as int8); otherwise
             # SDPA in the cache's dtype (fp32 on CPU, see new_cache; fp32 over a dequantized int8 cache).
-            step.cache.write_tokens(self.layer, step.positions, k, v, length=step.length)
             k, v, *scales = step.cache.layer_view(self.layer, bsz, step.length)
             out = cached_attention(q, k, v, step.lengths, *scales, mask=step.mask)
         return self.c_proj(step.pack(out.transpose(1, 2).reshape(bsz, steps, hidden)))
@@ -431,4 +446,15 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
                 step.shape, step.packed = input_ids.shape, real.flatten().nonzero()[:, 0]
                 step.cos, step.sin = step.pack(step.cos), step.pack(step.sin)
                 step.qk_scale = None if step.qk_scale is None else step.pack(step.qk_scale)
+        if cache is not None and device.type == "cpu" and c.rotary_dim == c.head_dim:
+            bsz, steps = input_ids.shape
+            rows = torch.arange(bsz, device=device).repeat_interleave(steps)
+            pos = positions.reshape(-1)
+            if step.packed is not None:
+                rows, pos = rows[step.packed], pos[step.packed]
+            step.token_rows, step.token_positions = rows, pos.long().contiguous()
+            step.token_cos = step.cos.reshape(-1, c.rotary_dim)
+            step.token_sin = step.sin.reshape(-1, c.rotary_dim)
+            if step.qk_scale is not None:
+                step.token_q_scale = step.qk_scale[:, :, 0].reshape(-1).contiguous()
         return step

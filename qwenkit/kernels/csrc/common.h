@@ -124,5 +124,10 @@ std::vector<double> dot_rates();
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                             const at::Tensor& lengths, double scale);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rotary_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                     const std::optional<at::Tensor>& q_scale, const at::Tensor& rows, const at::Tensor& positions,
+                     at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_scale,
+                     const std::optional<at::Tensor>& v_scale);
 
 }  // namespace QK_NS

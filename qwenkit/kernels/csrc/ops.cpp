@@ -21,4 +21,8 @@ QK_TORCH_LIBRARY(QK_NS, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, Tensor lengths, float scale)"
         " -> Tensor",
         &QK_NS::decode_attention);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &QK_NS::rms_norm);
+  m.def("rotary_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_scale, Tensor rows, Tensor positions,"
+        " Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, Tensor(d!)? v_scale) -> Tensor",
+        &QK_NS::rotary_kv);
 }
