@@ -72,6 +72,14 @@ def test_native_bf16_gemm_flags():
     assert not isa.native_bf16_gemm(ZEN2) and not isa.native_bf16_gemm(SKYLAKE_X)
 
 
+def test_int16_dot_fast_flags():
+    """The avx2 set's int16 prefill GEMM: on cores with AVX-VNNI (Alder Lake+, an AVX-512 VNNI machine forced
+    to avx2), not on AMD Zen 2/3 (vpmaddwd no faster than the FMA there) nor AVX-512 without VNNI."""
+    alder_lake = frozenset(V3 | {"avx_vnni"})
+    assert isa.int16_dot_fast(alder_lake) and isa.int16_dot_fast(SPR) and isa.int16_dot_fast(ZEN5)
+    assert not isa.int16_dot_fast(ZEN2) and not isa.int16_dot_fast(SKYLAKE_X) and not isa.int16_dot_fast(OLD)
+
+
 def test_describe_names_cpu_flags_and_set():
     line = isa.describe(ZEN5, "avx512")
     assert "avx2" in line and "avx512_bf16" in line and "amx" not in line and line.endswith("kernels: avx512")
@@ -199,8 +207,8 @@ def test_gemm_dtype(monkeypatch):
         assert cpu.gemm_dtype(torch.bfloat16) == torch.float32
     kset = cpu.kernel_set()
     if kset is not None:  # the probe the choice is made from: both rates positive where measured
-        bf16, fma = cpu.ops_for(kset).dot_rates()
-        assert fma > 0 and (bf16 > 0) == (kset == "avx512")
+        bf16, fma, int16 = cpu.ops_for(kset).dot_rates()
+        assert fma > 0 and int16 > 0 and (bf16 > 0) == (kset == "avx512")
 
 
 # ---------------------------------------------------------------- every set compiles, also those this CPU cannot run

@@ -187,7 +187,11 @@ def test_bf16_prefill_in_fp32_tiles(monkeypatch, gemm):
     tiles = []
     real = kernels._tiled_linear
     monkeypatch.setattr(kernels, "_tiled_linear", lambda *a: tiles.append(a[-1]) or real(*a))
-    w, bias, x = torch.randn(50, 512).bfloat16(), torch.randn(50).bfloat16(), torch.randn(2, 20, 512).bfloat16()
+    w, bias, x = (
+        torch.randn(50, 512).bfloat16(),
+        torch.randn(50).bfloat16(),
+        torch.randn(2, 20, 512).bfloat16(),
+    )
     y = kernels.linear_bf16(x, w, bias)
     assert tiles == ([] if cpu.gemm_dtype(torch.bfloat16) == torch.bfloat16 else [torch.float32])
     assert tiles or gemm != "fp32"
@@ -275,18 +279,21 @@ def test_fast_quant_prefill_tiles(kset, monkeypatch, bits):
         assert y.dtype == xdtype and _rel(y, _expected(x, q, scales, offs, 64, bias)) < tol
 
 
-needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the int16 GEMM is in the avx512 set only")
+needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the avx512 kernel set does not run here")
 
 
-@needs_avx512
+@needs_fast
+@pytest.mark.parametrize("name", BUILT)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("g", [32, 64, 128, 256, 512])  # 512 = K: per channel (int32 sums flushed every 256 k)
-@pytest.mark.parametrize("m", [17, 41])  # 41: three full 12-row tiles and a 5-row one
+@pytest.mark.parametrize(
+    "g", [32, 64, 128, 256, 512]
+)  # 512 = K: per channel (int32 sums flushed every 256 k)
+@pytest.mark.parametrize("m", [17, 41])  # 41: 12-row tiles and a 5-row one (avx512), 6-row tiles (avx2)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_int16_gemm(bits, g, m, xdtype):
-    """`gemm_quant` (prefill: x as int16, vpdpwssd) against fp32 math: 70 outputs = two 32-channel blocks and a
-    partial one; with and without offsets and bias; output in x.dtype."""
-    ops = cpu.ops_for("avx512")
+def test_int16_gemm(name, bits, g, m, xdtype):
+    """`gemm_quant` (prefill: x as int16, vpdpwssd or vpmaddwd) against fp32 math: 70 outputs = full 2-vector
+    channel blocks and a partial one; with and without offsets and bias; output in x.dtype."""
+    ops = cpu.ops_for(name)
     k, n = 512, 70
     for offsets, with_bias in ((False, False), (True, True)):
         qweight, q, scales, offs = _case(bits, n, k, g, offsets, seed=m + g + bits)
@@ -298,13 +305,14 @@ def test_int16_gemm(bits, g, m, xdtype):
         assert _rel(y, _expected(x, q, scales, offs, g, bias)) < tol
 
 
-@needs_avx512
+@needs_fast
+@pytest.mark.parametrize("name", BUILT)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int16_gemm_outliers_nan_and_extremes(bits):
+def test_int16_gemm_outliers_nan_and_extremes(name, bits):
     """Outlier channels (a per-row int16 scale), a NaN row (NaN out, other rows untouched), the largest weights
     (int8 -128, int4 15) times the largest int16 x over a per-channel group of K = 5504 (flushed every 172 k)
     and of 1024 (every 256 k): the int32 sums must not overflow."""
-    ops = cpu.ops_for("avx512")
+    ops = cpu.ops_for(name)
     k, n, g = 1024, 33, 1024
     qweight, q, scales, offs = _case(bits, n, k, g, offsets=True)
     x = torch.randn(20, k)
@@ -345,9 +353,16 @@ def test_int16_gemm_dispatch(monkeypatch):
     used.clear()
     kernels.linear_int4(x.float(), qweight, scales, offs, 128)  # fp32 activations: exact fp32 prefill
     assert "gemm_quant" not in used and "dequant" in used
-    assert cpu._int16_gemm_ok("avx512", 512, 128) and not cpu._int16_gemm_ok("avx2", 512, 128)
+    assert cpu._int16_gemm_ok("avx512", 512, 128)
+    for fast in (False, True):  # the avx2 set: where its int16 dot outruns the FMA (measured by dot_rates)
+        monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset, _f=fast: _f)
+        assert cpu._int16_gemm_ok("avx2", 512, 128) == fast
     assert cpu._int16_gemm_ok("avx512", 5504, 5504) and not cpu._int16_gemm_ok("avx512", 96, 32)
-    for rows, bits, op in ((8, 4, "gemv_quant"), (cpu.INT4_GEMM_MIN_ROWS, 4, "gemm_quant"), (16, 8, "gemv_quant")):
+    for rows, bits, op in (
+        (8, 4, "gemv_quant"),
+        (cpu.INT4_GEMM_MIN_ROWS, 4, "gemm_quant"),
+        (16, 8, "gemv_quant"),
+    ):
         used.clear()  # batched decode: int4 from INT4_GEMM_MIN_ROWS rows on the GEMM, int8 on the GEMV up to 16
         qw, qq, sc, of = _case(bits, 40, 512, 128, offsets=True)
         xr = torch.randn(rows, 512).bfloat16()
@@ -360,6 +375,32 @@ def test_int16_gemm_dispatch(monkeypatch):
     kernels.linear_int4(x, qweight, scales, offs, 128)
     assert "gemm_quant" not in used and "dequant" in used
     assert not cpu._int16_gemm_ok("avx512", 512, 128, torch.float32)
+
+
+@pytest.mark.skipif("avx2" not in BUILT, reason="the avx2 kernel set does not run here")
+@pytest.mark.parametrize("fast", [False, True])
+def test_int16_gemm_dispatch_avx2(monkeypatch, fast):
+    """The avx2 set: prefill takes the int16 GEMM only where its int16 dot outruns the FMA (fast), else dequantize
+    + F.linear; batched int4 decode stays on the GEMV up to GEMV_MAX_ROWS (the GEMM's 6-row tile is not measured
+    faster there)."""
+    monkeypatch.setenv(isa.ISA_ENV, "avx2")
+    monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
+    monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset: fast)
+    used: list[str] = []
+    ops = cpu.ops_for("avx2")
+
+    class Spy:
+        def __getattr__(self, name):
+            used.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(cpu, "ops_for", lambda name: Spy())
+    for rows, expected in ((30, "gemm_quant" if fast else "dequant"), (cpu.INT4_GEMM_MIN_ROWS, "gemv_quant")):
+        used.clear()
+        qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
+        x = torch.randn(rows, 512).bfloat16()
+        y = kernels.linear_int4(x, qweight, scales, offs, 128)
+        assert expected in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-2
 
 
 @needs_fast
@@ -416,7 +457,9 @@ def test_bf16_gemv_rows_where_bf16_gemm_is_slow(kset, monkeypatch, gemm):
         if y is not None:
             assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
         assert cpu.linear_bf16(torch.randn(17, k).bfloat16(), w, None) is None
-        assert cpu.linear_bf16(x.float(), w, None) is None  # fp32 x times a bf16 weight: the element limit only
+        assert (
+            cpu.linear_bf16(x.float(), w, None) is None
+        )  # fp32 x times a bf16 weight: the element limit only
 
 
 @needs_fast

@@ -18,7 +18,10 @@ or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the ke
 fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it). Where that is fp32 on the avx512 set, int8/int4 prefill with
 bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV,
 weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the
-Intel Xeon VM), and so does int4 decode from INT4_GEMM_MIN_ROWS rows.
+Intel Xeon VM), and so does int4 decode from INT4_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM (16-channel
+blocks, 6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16 dot outruns the FMA (`isa.int16_dot_fast`: AVX-VNNI
+cores; 1.2-1.45x the dequantize + MKL fp32 path at M = 512 on the Intel Xeon VM restricted to AVX2); AMD Zen 2/3
+keep dequantize + fp32.
 Token-wise ops (csrc/token_ops.cpp): RMSNorm and rotary + the KV cache write, one kernel each instead of a
 chain of small PyTorch ops (at decode their dispatch, not their arithmetic, is the cost): int4 decode of the
 full-size 1.8B on the Intel Xeon VM, 2 threads, 32 tokens, alternating in one process: 13.3-15.0 tok/s with
@@ -285,7 +288,7 @@ def linear_quant(
         _contig(bias),
     )
     rows, gemm = x2.shape[0], _int16_gemm_ok(kset, k, group_size, x2.dtype)
-    int4_on_gemm = gemm and bits == 4 and rows >= INT4_GEMM_MIN_ROWS
+    int4_on_gemm = gemm and bits == 4 and rows >= INT4_GEMM_MIN_ROWS and kset == "avx512"  # (measured there)
     if rows <= GEMV_MAX_ROWS and not int4_on_gemm and _gemv_ok(kset, k, group_size, bits):
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     elif gemm:
@@ -297,21 +300,35 @@ def linear_quant(
 
 def _int16_gemm_ok(kset: str, k: int, group_size: int, xdtype: torch.dtype = torch.bfloat16) -> bool:
     """Prefill of int8/int4 weights with the int16 GEMM (csrc/quant.cpp `gemm_quant`: x quantized per row to
-    int16 as for the GEMV, vpdpwssd): avx512 set, shapes it takes, bf16 activations (the int16 error, ~3e-5
-    relative, is far below bf16's rounding but not below fp32's: fp32 models keep exact fp32 prefill), and only
-    where the bf16 GEMM is not the faster path (`gemm_dtype` says fp32). Intel Xeon VM (AVX-512 BF16, no AMX;
-    vpdpwssd at the FMA's 2 per cycle, vdpbf16ps at 1 per 2), M = 512, 2 threads, ms per matrix, dequantize +
-    fp32 F.linear / int16 GEMM: int4 6144x2048 50.6 / 31.2, 2048x5504 49.4 / 22.8; int8 49.2 / 23.6, 43.8 /
-    21.6. Where oneDNN's bf16 GEMM is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays: not
-    measured against this GEMM."""
+    int16 as for the GEMV, vpdpwssd or vpmaddwd + vpaddd): shapes it takes, bf16 activations (the int16 error,
+    ~3e-5 relative, is far below bf16's rounding but not below fp32's: fp32 models keep exact fp32 prefill), only
+    where the bf16 GEMM is not the faster path (`gemm_dtype` says fp32), and on the avx2 set only where the int16
+    dot outruns the FMA (`isa.int16_dot_fast`). Intel Xeon VM (AVX-512 BF16, no AMX; vpdpwssd at the FMA's 2 per
+    cycle, vdpbf16ps at 1 per 2), M = 512, 2 threads, ms per matrix, dequantize + fp32 F.linear / int16 GEMM:
+    int4 6144x2048 50.6 / 31.2, 2048x5504 49.4 / 22.8; int8 49.2 / 23.6, 43.8 / 21.6. Where oneDNN's bf16 GEMM
+    is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays: not measured against this GEMM."""
     # (any group that is a multiple of 32: the kernel flushes its int32 sums every <= 256 k)
     return (
-        kset == "avx512"
+        kset in isa.BY_NAME
         and xdtype == torch.bfloat16
         and k % 64 == 0
         and group_size % 32 == 0
         and gemm_dtype(torch.bfloat16) == torch.float32
+        and (kset == "avx512" or _int16_dot_fast(kset))
     )
+
+
+@functools.cache
+def _int16_dot_fast(kset: str) -> bool:
+    """`isa.int16_dot_fast` for this CPU, logged once with the measured rates (dot_rates) beside it."""
+    fast = isa.int16_dot_fast(isa.cpu_flags())
+    _, fma, int16 = ops_for(kset).dot_rates()
+    logger.info(
+        "qwenkit: int8/int4 prefill (%s kernels): %s (int16 dot %.0f vs fp32 FMA %.0f multiply-adds/ns per "
+        "thread, measured; the choice follows the flags: avx_vnni)",
+        kset, "int16 GEMM" if fast else "dequantize + fp32 GEMM", int16, fma,
+    )  # fmt: skip
+    return fast
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -340,7 +357,7 @@ def _bf16_gemm(override: str) -> bool:
     if not override and isa.native_bf16_gemm(flags) and "amx_bf16" not in flags:
         kset = kernel_set()
         if kset is not None:
-            bf16, fma = ops_for(kset).dot_rates()
+            bf16, fma, _ = ops_for(kset).dot_rates()
             rates = (bf16, fma) if bf16 > 0 else None
     use, why = isa.bf16_gemm_choice(flags, rates, override or None)
     logger.info("qwenkit: bf16 matrix multiplies (prefill) in %s (%s)", "bf16" if use else "fp32", why)

@@ -271,15 +271,15 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 // ---------------------------------------------------------------- int16 x int8/int4 GEMM (prefill)
 //
-// Many rows of x (prefill; int4 batched decode from 12 rows, see cpu.py): x quantized per row to int16 as for
-// the GEMV, the weight unpacked block by block of kGN output channels (a 4-byte gather per 16 rows) into int16
-// pairs laid out so that one vector holds one k pair of 16 channels, and vpdpwssd sums pairs of products into
-// int32 lanes = output channels. A register tile of kGM rows x 2 vectors (24 accumulators) takes one broadcast
-// of an x pair per row and two weight vectors per k pair; int32 sums are flushed per group (or every <= 256 k of
-// a longer one) into fp32 sums, times the group's scales (a vector of 16 channels).
-#if defined(QK_ISA_AVX512)
-constexpr int kGN = 32;  // output channels per block (2 vectors)
-constexpr int kGM = 12;  // rows per register tile
+// Many rows of x (prefill; on avx512 also int4 batched decode from 12 rows, see cpu.py): x quantized per row to
+// int16 as for the GEMV, the weight unpacked block by block of kGN = 2 vectors of output channels into int16
+// pairs laid out so that one vector holds one k pair of kL channels, and idot16 (vpdpwssd, or vpmaddwd + vpaddd)
+// sums pairs of products into int32 lanes = output channels. A register tile of kGM rows x 2 vectors takes one
+// broadcast of an x pair per row and two weight vectors per k pair (avx512: 12 rows, 24 of the 32 registers;
+// avx2: 6 rows, 12 of 16); int32 sums are flushed per group (or every <= 256 k of a longer one) into fp32 sums,
+// times the group's scales (one vector of channels).
+constexpr int kGN = 2 * kL;            // output channels per block (2 vectors)
+constexpr int kGM = kL == 16 ? 12 : 6;  // rows per register tile
 
 struct GemmBlock {
   std::vector<int32_t> w;   // [K / 2][kGN] int16 pairs (k, k + 1) of each channel
@@ -287,6 +287,10 @@ struct GemmBlock {
   float bias[kGN];
 };
 
+// (k, k + 1) as one int32: k in the low half. int4 byte b holds k = 2j (low nibble) and 2j + 1 (high nibble).
+QK_INLINE int32_t pair_of(int32_t lo, int32_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
+
+#if defined(QK_ISA_AVX512)
 // 4 bytes at byte offset off of rows n0 + 16 half + lane (lanes past nb read row nb - 1; never stored).
 QK_INLINE vi gather_rows(const QArgs& a, int64_t n0, int64_t nb, int64_t half, int64_t off) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -295,6 +299,7 @@ QK_INLINE vi gather_rows(const QArgs& a, int64_t n0, int64_t nb, int64_t half, i
   const __m512i idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(int(a.row_bytes)));
   return _mm512_i32gather_epi32(idx, a.w + n0 * a.row_bytes + off, 1);
 }
+#endif
 
 void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& blk) {
   const int64_t KP = a.K / 2, G = a.G;
@@ -302,6 +307,7 @@ void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& bl
   blk.s.assign(G * kGN, 0.f);
   blk.o.assign(G * kGN, 0.f);
   int32_t* d = blk.w.data();
+#if defined(QK_ISA_AVX512)
   const vi lo16 = _mm512_set1_epi32(0xffff), nib = _mm512_set1_epi32(0x0f);
   for (int half = 0; half < 2; ++half) {
     if (int4) {  // 4 bytes = 4 k pairs (low nibble k, high nibble k + 1)
@@ -326,6 +332,17 @@ void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& bl
       }
     }
   }
+#else
+  // Row by row (AVX2 gathers are slow on the AMD cores of this class); amortized over the rows of x.
+  for (int64_t j = 0; j < kGN; ++j) {
+    const uint8_t* row = a.w + (n0 + std::min<int64_t>(j, nb - 1)) * a.row_bytes;
+    if (int4)
+      for (int64_t kp = 0; kp < KP; ++kp) d[kp * kGN + j] = pair_of(row[kp] & 0x0f, row[kp] >> 4);
+    else
+      for (int64_t kp = 0; kp < KP; ++kp)
+        d[kp * kGN + j] = pair_of(int8_t(row[2 * kp]), int8_t(row[2 * kp + 1]));
+  }
+#endif
   for (int64_t j = 0; j < kGN; ++j) blk.bias[j] = a.bias && j < nb ? ld1(a.bias, a.bt, n0 + j) : 0.f;
   for (int64_t j = 0; j < nb; ++j)
     for (int64_t g = 0; g < G; ++g) {
@@ -354,15 +371,15 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
     const int32_t* wp = blk.w.data() + f * fp * kGN;
     const int64_t kp0 = f * fp;
     for (int64_t kp = 0; kp < fp; ++kp, wp += kGN) {
-      const vi w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 16);
+      const vi w0 = iload(reinterpret_cast<const int16_t*>(wp)), w1 = iload(reinterpret_cast<const int16_t*>(wp + kL));
 #pragma GCC unroll 12
       for (int m = 0; m < MT; ++m) {
-        const vi xv = _mm512_set1_epi32(xrow[m][kp0 + kp]);
-        acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xv, w0);
-        acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], xv, w1);
+        const vi xv = iset1_32(xrow[m][kp0 + kp]);
+        acc[m][0] = idot16(acc[m][0], xv, w0);
+        acc[m][1] = idot16(acc[m][1], xv, w1);
       }
     }
-    const vf s0 = fload(blk.s.data() + gi * kGN), s1 = fload(blk.s.data() + gi * kGN + 16);
+    const vf s0 = fload(blk.s.data() + gi * kGN), s1 = fload(blk.s.data() + gi * kGN + kL);
 #pragma GCC unroll 12
     for (int m = 0; m < MT; ++m) {
       cf[m][0] = ffma(icvt_f(acc[m][0]), s0, cf[m][0]);
@@ -371,7 +388,7 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
   }
   if (a.offsets) {  // + sum_g offset[n, g] * sum(xq over group g)
     for (int64_t gi = 0; gi < G; ++gi) {
-      const vf o0 = fload(blk.o.data() + gi * kGN), o1 = fload(blk.o.data() + gi * kGN + 16);
+      const vf o0 = fload(blk.o.data() + gi * kGN), o1 = fload(blk.o.data() + gi * kGN + kL);
 #pragma GCC unroll 12
       for (int m = 0; m < MT; ++m) {
         const vf gs = fset1(xq.gsum[(m0 + m) * xq.Gp + gi]);
@@ -380,20 +397,20 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
       }
     }
   }
-  const vf b0 = fload(blk.bias), b1 = fload(blk.bias + 16);
+  const vf b0 = fload(blk.bias), b1 = fload(blk.bias + kL);
   for (int m = 0; m < MT; ++m) {
     const vf dx = fset1(xq.dx[m0 + m]);
     const vf r0 = ffma(cf[m][0], dx, b0), r1 = ffma(cf[m][1], dx, b1);
     const int64_t o = (m0 + m) * a.N + n0;
     if (nb == kGN && a.outt == FT::BF16) {
       fstore_bf16(static_cast<uint16_t*>(a.out) + o, r0);
-      fstore_bf16(static_cast<uint16_t*>(a.out) + o + 16, r1);
+      fstore_bf16(static_cast<uint16_t*>(a.out) + o + kL, r1);
     } else if (nb == kGN && a.outt == FT::F32) {
       fstore(static_cast<float*>(a.out) + o, r0);
-      fstore(static_cast<float*>(a.out) + o + 16, r1);
+      fstore(static_cast<float*>(a.out) + o + kL, r1);
     } else {
       alignas(64) float r[kGN];
-      fstore(r, r0), fstore(r + 16, r1);
+      fstore(r, r0), fstore(r + kL, r1);
       for (int64_t j = 0; j < nb; ++j) st1(a.out, a.outt, o + j, r[j]);
     }
   }
@@ -413,7 +430,6 @@ inline int64_t gemm_flush_k(int64_t g) {
   while (fk > kGemmMaxFlush && fk % 4 == 0) fk /= 2;
   return fk;
 }
-#endif
 
 // ---------------------------------------------------------------- dequantize (prefill)
 
@@ -468,7 +484,6 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::opt
 at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
                       const std::optional<at::Tensor>& bias, int64_t bits) {
-#if defined(QK_ISA_AVX512)
   QArgs a{};
   quant_args(x, qweight, scales, offsets, group_size, bias, bits, a);
   const bool int4 = bits == 4;
@@ -494,9 +509,6 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
     }
   });
   return out;
-#else
-  TORCH_CHECK(false, "gemm_quant needs the avx512 kernel set");
-#endif
 }
 
 }  // namespace QK_NS

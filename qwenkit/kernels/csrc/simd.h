@@ -57,6 +57,7 @@ QK_INLINE vf fdot_bf16(vf acc, const uint16_t* w, const uint16_t* x) {
 
 QK_INLINE vi izero() { return _mm512_setzero_si512(); }
 QK_INLINE vi iset1_16(int16_t v) { return _mm512_set1_epi16(v); }
+QK_INLINE vi iset1_32(int32_t v) { return _mm512_set1_epi32(v); }
 QK_INLINE vi iload(const int16_t* p) { return _mm512_loadu_si512(p); }  // 2 kL int16
 QK_INLINE vi iload_s8w(const uint8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
 QK_INLINE vi iload_u8w(const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
@@ -114,6 +115,7 @@ QK_INLINE void fstore_bf16(uint16_t* p, vf v) {  // round to nearest even; NaN s
 
 QK_INLINE vi izero() { return _mm256_setzero_si256(); }
 QK_INLINE vi iset1_16(int16_t v) { return _mm256_set1_epi16(v); }
+QK_INLINE vi iset1_32(int32_t v) { return _mm256_set1_epi32(v); }
 QK_INLINE vi iload(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 QK_INLINE vi iload_s8w(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
 QK_INLINE vi iload_u8w(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)); }
