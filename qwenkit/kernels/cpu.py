@@ -210,11 +210,15 @@ def available() -> bool:
 
 
 def _plain_cpu(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """CPU tensors, bf16/fp32 activations, and no autograd to record."""
-    tensors = [x, *(t for t in others if t is not None)]
-    if any(t.device.type != "cpu" for t in tensors) or x.dtype not in (torch.float32, torch.bfloat16):
+    """CPU tensors, bf16/fp32 activations, and no autograd to record. (Called per kernel call at decode: a
+    plain loop, no temporaries.)"""
+    grad = torch.is_grad_enabled()
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or (grad and x.requires_grad):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    for t in others:
+        if t is not None and (t.device.type != "cpu" or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _flush_ok(k: int, group_size: int, chunk: int) -> bool:
@@ -253,6 +257,7 @@ def _quant_supported(
     return _plain_cpu(x, qweight, scales, offsets, bias)
 
 
+@functools.cache
 def _gemv_ok(kset: str, k: int, group_size: int, bits: int) -> bool:
     chunk = isa.BY_NAME[kset].chunk_k[bits]
     return k % chunk == 0 and _flush_ok(k, group_size, chunk)
@@ -287,11 +292,13 @@ def linear_quant(
         _contig(offsets),
         _contig(bias),
     )
-    rows, gemm = x2.shape[0], _int16_gemm_ok(kset, k, group_size, x2.dtype)
-    int4_on_gemm = gemm and bits == 4 and rows >= INT4_GEMM_MIN_ROWS and kset == "avx512"  # (measured there)
-    if rows <= GEMV_MAX_ROWS and not int4_on_gemm and _gemv_ok(kset, k, group_size, bits):
+    rows = x2.shape[0]
+    gemv = rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits)
+    if gemv and bits == 4 and rows >= INT4_GEMM_MIN_ROWS and kset == "avx512":  # (crossover measured there)
+        gemv = not _int16_gemm_ok(kset, k, group_size, x2.dtype)
+    if gemv:
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
-    elif gemm:
+    elif _int16_gemm_ok(kset, k, group_size, x2.dtype):
         y = ops.gemm_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     else:
         y = _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits)
