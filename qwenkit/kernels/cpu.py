@@ -327,13 +327,11 @@ def _int16_gemm_ok(kset: str, k: int, group_size: int, xdtype: torch.dtype = tor
 
 @functools.cache
 def _int16_dot_fast(kset: str) -> bool:
-    """`isa.int16_dot_fast` for this CPU, logged once with the measured rates (dot_rates) beside it."""
+    """`isa.int16_dot_fast` for this CPU, logged once."""
     fast = isa.int16_dot_fast(isa.cpu_flags())
-    _, fma, int16 = ops_for(kset).dot_rates()
     logger.info(
-        "qwenkit: int8/int4 prefill (%s kernels): %s (int16 dot %.0f vs fp32 FMA %.0f multiply-adds/ns per "
-        "thread, measured; the choice follows the flags: avx_vnni)",
-        kset, "int16 GEMM" if fast else "dequantize + fp32 GEMM", int16, fma,
+        "qwenkit: int8/int4 prefill of bf16 activations (%s kernels): %s", kset,
+        "int16 GEMM (the CPU has AVX-VNNI)" if fast else "dequantize + fp32 GEMM (no AVX-VNNI: int16 dot not faster)",
     )  # fmt: skip
     return fast
 
@@ -364,7 +362,7 @@ def _bf16_gemm(override: str) -> bool:
     if not override and isa.native_bf16_gemm(flags) and "amx_bf16" not in flags:
         kset = kernel_set()
         if kset is not None:
-            bf16, fma, _ = ops_for(kset).dot_rates()
+            bf16, fma = ops_for(kset).dot_rates()
             rates = (bf16, fma) if bf16 > 0 else None
     use, why = isa.bf16_gemm_choice(flags, rates, override or None)
     logger.info("qwenkit: bf16 matrix multiplies (prefill) in %s (%s)", "bf16" if use else "fp32", why)

@@ -110,74 +110,42 @@ void brange_m(const BArgs& a, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
   }
 }
 
-// Multiply-adds per nanosecond of one thread: {vdpbf16ps (0 on a set without it), fp32 FMA, int16 dot (vpdpwssd,
-// or vpmaddwd + vpaddd)}, each the best of 7 timings of 12 independent chains (enough to hide the latencies).
-// CPUs differ by 4x in these ratios (an AVX-512 BF16 core without AMX may run vdpbf16ps at half the MAC rate of
-// its FMAs, or at twice it; vpmaddwd + vpaddd outrun the FMA on Intel cores, not on AMD Zen 2/3), and the GEMMs
-// of prefill are bound by them: cpu.py picks the prefill GEMM from these figures.
+// Multiply-adds per nanosecond of one thread: {vdpbf16ps (0 on a set without it), fp32 FMA}, each the best of 7
+// timings of 12 independent chains (enough to hide either instruction's latency). CPUs differ by 4x in the
+// ratio (an AVX-512 BF16 core without AMX may run vdpbf16ps at half the MAC rate of its FMAs, or at twice it),
+// and oneDNN's bf16 GEMM is bound by it there: cpu.py picks the prefill GEMM dtype from these figures.
 constexpr int kChains = 12;
 constexpr int64_t kProbeIters = 8192;
 
-enum class Dot { BF16, FMA, INT16 };
-// The int16 probe runs this many times longer: short timings of it scattered by +-20% between processes on a VM
-// (and still do by +-15% at 16x: too noisy to choose a kernel from, so the avx2 set's prefill GEMM is chosen
-// from the CPU's flags, see isa.int16_dot_fast; this figure is logged beside it).
-constexpr int64_t kIntProbeScale = 4;
-
-template <Dot D>
+template <bool BF16>
 QK_NO_PRE __attribute__((noinline)) float chains(float seed) {
-  if constexpr (D == Dot::INT16) {
-    // As in the GEMM's register tile: NA x NB distinct products per step, operands made opaque once per step
-    // (an empty asm "modifies" them, no instruction; else vpmaddwd of loop-invariant operands is hoisted).
-    // avx2: 3 x 2 chains (vpmaddwd's latency is off the chain: only vpaddd's is on it); avx512: 4 x 3, to hide
-    // vpdpwssd's.
-    constexpr int NA = kL == 16 ? 4 : 3, NB = kL == 16 ? 3 : 2;
-    vi acc[NA][NB], a[NA], b[NB];
-    for (int i = 0; i < NA; ++i) a[i] = iset1_16(int16_t(seed) + int16_t(i));
-    for (int j = 0; j < NB; ++j) b[j] = iset1_16(int16_t(seed) + int16_t(7 + j));
-    for (int i = 0; i < NA; ++i)
-      for (int j = 0; j < NB; ++j) acc[i][j] = izero();
-    for (int64_t it = 0; it < kIntProbeScale * kProbeIters * kChains / (NA * NB); ++it) {
-      if constexpr (NA == 4) asm volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]), "+v"(b[0]), "+v"(b[1]), "+v"(b[2]));
-      else asm volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(b[0]), "+v"(b[1]));
-#pragma GCC unroll 4
-      for (int i = 0; i < NA; ++i)
-#pragma GCC unroll 3
-        for (int j = 0; j < NB; ++j) acc[i][j] = idot16(acc[i][j], a[i], b[j]);
+  vf acc[kChains];
+#pragma GCC unroll 12
+  for (int c = 0; c < kChains; ++c) acc[c] = fset1(seed);
+  const vf x = fset1(seed * 0.5f), y = fset1(seed * 0.25f);
+  alignas(64) uint16_t pairs[2 * kL];
+  std::fill(pairs, pairs + 2 * kL, uint16_t(0x3f80));  // bf16 1.0
+  for (int64_t i = 0; i < kProbeIters; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) {
+      if constexpr (BF16) acc[c] = fdot_bf16(acc[c], pairs, pairs);
+      else acc[c] = ffma(x, y, acc[c]);
+      asm volatile("" : "+v"(acc[c]));  // keeps the chains interleaved (GCC would run them one at a time)
     }
-    vi r = izero();
-    for (int i = 0; i < NA; ++i)
-      for (int j = 0; j < NB; ++j) r = iadd(r, acc[i][j]);
-    return freduce_add(icvt_f(r));
-  } else {
-    vf acc[kChains];
-#pragma GCC unroll 12
-    for (int c = 0; c < kChains; ++c) acc[c] = fset1(seed);
-    const vf x = fset1(seed * 0.5f), y = fset1(seed * 0.25f);
-    alignas(64) uint16_t pairs[2 * kL];
-    std::fill(pairs, pairs + 2 * kL, uint16_t(0x3f80));  // bf16 1.0
-    for (int64_t i = 0; i < kProbeIters; ++i) {
-#pragma GCC unroll 12
-      for (int c = 0; c < kChains; ++c) {
-        if constexpr (D == Dot::BF16) acc[c] = fdot_bf16(acc[c], pairs, pairs);
-        else acc[c] = ffma(x, y, acc[c]);
-        asm volatile("" : "+v"(acc[c]));  // keeps the chains interleaved (GCC would run them one at a time)
-      }
-    }
-    vf t = acc[0];
-#pragma GCC unroll 12
-    for (int c = 1; c < kChains; ++c) t = fadd(t, acc[c]);
-    return freduce_add(t);
   }
+  vf t = acc[0];
+#pragma GCC unroll 12
+  for (int c = 1; c < kChains; ++c) t = fadd(t, acc[c]);
+  return freduce_add(t);
 }
 
-template <Dot D>
+template <bool BF16>
 double best_ns() {
   volatile float seed = 1.0f, sink = 0.f;
   double best = 1e30;
   for (int rep = 0; rep < 7; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-    sink = sink + chains<D>(seed);
+    sink = sink + chains<BF16>(seed);
     best = std::min(best, std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count());
   }
   return best;
@@ -186,10 +154,10 @@ double best_ns() {
 }  // namespace
 
 std::vector<double> dot_rates() {
-  const double macs = double(kProbeIters) * kChains * kL;  // per lane and instruction: 1 (FMA), 2 (bf16, int16)
+  const double macs = double(kProbeIters) * kChains * kL;
   double bf16_rate = 0.0;
-  if constexpr (kBf16Dot) bf16_rate = 2 * macs / best_ns<Dot::BF16>();
-  return {bf16_rate, macs / best_ns<Dot::FMA>(), 2 * macs * kIntProbeScale / best_ns<Dot::INT16>()};
+  if constexpr (kBf16Dot) bf16_rate = 2 * macs / best_ns<true>();
+  return {bf16_rate, macs / best_ns<false>()};
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
