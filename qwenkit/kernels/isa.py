@@ -156,7 +156,7 @@ def int16_dot_fast(flags: frozenset[str]) -> bool:
     to beat dequantize + fp32 GEMM at prefill. Taken from the flags, not timed: a timing probe of vpmaddwd +
     vpaddd against the FMA gave ratios of 0.99-1.47 between processes on one VM, which would flip the choice (and
     the rounding of prefill) between runs. AVX-VNNI marks the cores where it pays (Intel since Alder Lake / Sapphire
-    Rapids: the GEMM measured 1.3-1.4x the dequantize + MKL fp32 path on an Intel Xeon VM with the avx2 set);
+    Rapids: the GEMM measured 1.2-1.45x the dequantize + MKL fp32 path on an Intel Xeon VM with the avx2 set);
     AMD Zen 2/3 (no AVX-VNNI) measured vpmaddwd at 0.95x the FMA's multiply-add rate, and Haswell runs it on one
     port. (On the avx512 set, vpdpwssd is one instruction for twice the FMA's products: always.)"""
     return "avx_vnni" in flags or "avx512_vnni" in flags

@@ -333,7 +333,7 @@ void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& bl
     }
   }
 #else
-  // Row by row (AVX2 gathers are slow on the AMD cores of this class); amortized over the rows of x.
+  // Row by row, scalar: paid once per block of channels, for all rows of x.
   for (int64_t j = 0; j < kGN; ++j) {
     const uint8_t* row = a.w + (n0 + std::min<int64_t>(j, nb - 1)) * a.row_bytes;
     if (int4)
