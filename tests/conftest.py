@@ -54,3 +54,26 @@ def make_tiny_model() -> Callable[..., QWenLMHeadModel]:
         return model.eval()
 
     return make
+
+
+@pytest.fixture
+def greedy_ids() -> Callable[..., list[list[int]]]:
+    """Factory: `greedy_ids(model, prompts, kind, n=24)` -> the new ids of each prompt, generated together
+    (TokenGenerator, greedy, a KV cache of kind `kind`; ids below the tiny models' 1000-token vocabulary)."""
+    from qwenkit.generation.generate import TokenGenerator
+    from qwenkit.generation.sampling import SamplingParams
+
+    def run(model: QWenLMHeadModel, prompts: list[list[int]], kind: str, n: int = 24) -> list[list[int]]:
+        model.set_kv_cache_dtype(kind)
+        gen = TokenGenerator(
+            model, prompts, SamplingParams(temperature=0, max_new_tokens=n), valid_vocab_size=1000
+        )
+        rows: list[list[int]] = [[] for _ in prompts]
+        while not gen.done:
+            for i, tok in enumerate(gen.step()):
+                if tok is not None:
+                    rows[i].append(tok)
+        model.set_kv_cache_dtype(None)
+        return rows
+
+    return run

@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from qwenkit import kernels
-from qwenkit.generation.generate import TokenGenerator
-from qwenkit.generation.sampling import SamplingParams
 from qwenkit.kernels import cpu, isa
 from qwenkit.model.kv_cache import KVCache, quantize_int8
 
@@ -170,20 +168,6 @@ def test_fallback_without_extension_equals_sdpa(monkeypatch, kind):
 # ---------------------------------------------------------------- the model with and without the kernel
 
 
-def _greedy(model, prompts, kind, n=24):
-    model.set_kv_cache_dtype(kind)
-    gen = TokenGenerator(
-        model, prompts, SamplingParams(temperature=0, max_new_tokens=n), valid_vocab_size=1000
-    )
-    rows: list[list[int]] = [[] for _ in prompts]
-    while not gen.done:
-        for i, tok in enumerate(gen.step()):
-            if tok is not None:
-                rows[i].append(tok)
-    model.set_kv_cache_dtype(None)
-    return rows
-
-
 @torch.inference_mode()
 def _decode_logits(model, kind):
     """Logits of a 40-token prefill and 12 decode steps of two rows at different positions."""
@@ -198,7 +182,7 @@ def _decode_logits(model, kind):
 
 @needs_fast
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
-def test_model_with_kernel_equals_without(make_tiny_model, monkeypatch, kind):
+def test_model_with_kernel_equals_without(make_tiny_model, greedy_ids, monkeypatch, kind):
     """Greedy ids identical with the kernel and with the dispatcher's SDPA path (prompts of different lengths, a
     prompt crossing seq_length: NTK + logn); decode logits (std ~1) within 1e-4 for the fp32 cache, 5e-3 for
     int8 (the kernel's int16 q; measured 1.7e-3, against 0.024 between the int8 and fp32 caches) and 2e-2 for
@@ -208,10 +192,10 @@ def test_model_with_kernel_equals_without(make_tiny_model, monkeypatch, kind):
     calls = []
     real = cpu.decode_attention
     monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or real(*a))
-    with_kernel, logits_kernel = _greedy(model, prompts, kind), _decode_logits(model, kind)
+    with_kernel, logits_kernel = greedy_ids(model, prompts, kind), _decode_logits(model, kind)
     assert calls, "the model did not take the kernel"
     monkeypatch.setattr(cpu, "decode_attention", lambda *a: None)
-    without, logits_sdpa = _greedy(model, prompts, kind), _decode_logits(model, kind)
+    without, logits_sdpa = greedy_ids(model, prompts, kind), _decode_logits(model, kind)
     assert with_kernel == without
     tol = {"fp32": 1e-4, "int8": 5e-3, "bf16": 2e-2}[kind]
     assert (logits_kernel - logits_sdpa).abs().max().item() <= tol

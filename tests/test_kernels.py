@@ -331,13 +331,10 @@ def test_int16_gemm_outliers_nan_and_extremes(name, bits):
         assert _rel(y, _expected(x, top, scale, None, k, None)) < 1e-4
 
 
-@needs_avx512
-def test_int16_gemm_dispatch(monkeypatch):
-    """Prefill (M > GEMV_MAX_ROWS) takes the int16 GEMM on the avx512 set where the bf16 GEMM is not the faster
-    path, for the shapes it takes; else dequantize + F.linear."""
-    monkeypatch.setenv(isa.ISA_ENV, "avx512")
+def _spy_ops(monkeypatch, kset: str) -> list[str]:
+    """Make cpu.ops_for return kernel set `kset`'s ops, recording the name of each op looked up."""
     used: list[str] = []
-    ops = cpu.ops_for("avx512")
+    ops = cpu.ops_for(kset)
 
     class Spy:
         def __getattr__(self, name):
@@ -345,6 +342,15 @@ def test_int16_gemm_dispatch(monkeypatch):
             return getattr(ops, name)
 
     monkeypatch.setattr(cpu, "ops_for", lambda name: Spy())
+    return used
+
+
+@needs_avx512
+def test_int16_gemm_dispatch(monkeypatch):
+    """Prefill (M > GEMV_MAX_ROWS) takes the int16 GEMM on the avx512 set where the bf16 GEMM is not the faster
+    path, for the shapes it takes; else dequantize + F.linear."""
+    monkeypatch.setenv(isa.ISA_ENV, "avx512")
+    used = _spy_ops(monkeypatch, "avx512")
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
     qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
     x = torch.randn(30, 512).bfloat16()
@@ -386,15 +392,7 @@ def test_int16_gemm_dispatch_avx2(monkeypatch, fast):
     monkeypatch.setenv(isa.ISA_ENV, "avx2")
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
     monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset: fast)
-    used: list[str] = []
-    ops = cpu.ops_for("avx2")
-
-    class Spy:
-        def __getattr__(self, name):
-            used.append(name)
-            return getattr(ops, name)
-
-    monkeypatch.setattr(cpu, "ops_for", lambda name: Spy())
+    used = _spy_ops(monkeypatch, "avx2")
     for rows, expected in ((30, "gemm_quant" if fast else "dequant"), (cpu.INT4_GEMM_MIN_ROWS, "gemv_quant")):
         used.clear()
         qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)

@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from qwenkit import kernels
-from qwenkit.generation.generate import TokenGenerator
-from qwenkit.generation.sampling import SamplingParams
 from qwenkit.kernels import cpu, isa
 from qwenkit.model.kv_cache import KVCache
 from qwenkit.model.transformer import apply_rotary, logn_scale, rotary_cos_sin
@@ -143,23 +141,9 @@ def test_rotary_kv_rejects_tokens_outside_the_cache(kset):
     assert cache.k.abs().sum() == 0
 
 
-def _greedy(model, prompts, kind, n=12):
-    model.set_kv_cache_dtype(kind)
-    gen = TokenGenerator(
-        model, prompts, SamplingParams(temperature=0, max_new_tokens=n), valid_vocab_size=1000
-    )
-    rows: list[list[int]] = [[] for _ in prompts]
-    while not gen.done:
-        for i, tok in enumerate(gen.step()):
-            if tok is not None:
-                rows[i].append(tok)
-    model.set_kv_cache_dtype(None)
-    return rows
-
-
 @needs_fast
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
-def test_model_with_token_kernels_equals_without(make_tiny_model, monkeypatch, kind):
+def test_model_with_token_kernels_equals_without(make_tiny_model, greedy_ids, monkeypatch, kind):
     """Greedy ids of a batch (rows of different lengths, one crossing seq_length: NTK and logn) identical with
     the two kernels and without them; logits of a cached forward within 1e-4 (RMSNorm sums in another order)."""
     model = make_tiny_model(seq_length=64)
@@ -172,14 +156,14 @@ def test_model_with_token_kernels_equals_without(make_tiny_model, monkeypatch, k
         )
     ids = torch.arange(3, 83)[None]
     with torch.inference_mode():
-        fast_ids = _greedy(model, prompts, kind)
+        fast_ids = greedy_ids(model, prompts, kind, 12)
         cache = model.new_cache(1, 100, dtype=kind)
         fast = model(ids, cache=cache)
     assert all(calls.values()), calls
     for name in calls:
         monkeypatch.setattr(cpu, name, lambda *a: None)
     with torch.inference_mode():
-        slow_ids = _greedy(model, prompts, kind)
+        slow_ids = greedy_ids(model, prompts, kind, 12)
         slow = model(ids, cache=model.new_cache(1, 100, dtype=kind))
     assert fast_ids == slow_ids
     assert (fast - slow).abs().max().item() <= 1e-4 * max(1.0, math.sqrt(fast.var().item()))
