@@ -48,7 +48,7 @@ QK_EXACT void rms_row(const void* x, FT t, int64_t i, int64_t C, const float* w,
 // The rotary of one head vector (D values from element `i` of x, type t) -> fp32 `o`: o = x * cos + roll(x, D/2)
 // * signed_sin, times `scale` when it is not 1 (logn), as apply_rotary in the model.
 QK_EXACT void rotate(const void* x, FT t, int64_t i, int64_t D, const float* cs, const float* sn, float scale,
-                               float* xf, float* o) {
+                     float* xf, float* o) {
   load_f32(x, t, i, D, xf);
   const int64_t h = D / 2;
   for (int64_t d = 0; d < D; ++d) {
