@@ -288,7 +288,8 @@ needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the avx512 kern
 @pytest.mark.parametrize(
     "g", [32, 64, 128, 256, 512]
 )  # 512 = K: per channel (int32 sums flushed every 256 k)
-@pytest.mark.parametrize("m", [17, 41])  # 41: 12-row tiles and a 5-row one (avx512), 6-row tiles (avx2)
+# 1, 8, 17: K in chunks (batched decode); 41: the whole K at once, 12-row tiles and a 5-row one (avx512)
+@pytest.mark.parametrize("m", [1, 8, 17, 41])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_int16_gemm(name, bits, g, m, xdtype):
     """`gemm_quant` (prefill: x as int16, vpdpwssd or vpmaddwd) against fp32 math: 70 outputs = full 2-vector
@@ -365,11 +366,12 @@ def test_int16_gemm_dispatch(monkeypatch):
         assert cpu._int16_gemm_ok("avx2", 512, 128) == fast
     assert cpu._int16_gemm_ok("avx512", 5504, 5504) and not cpu._int16_gemm_ok("avx512", 96, 32)
     for rows, bits, op in (
-        (8, 4, "gemv_quant"),
-        (cpu.INT4_GEMM_MIN_ROWS, 4, "gemm_quant"),
-        (16, 8, "gemv_quant"),
+        (cpu.QUANT_GEMM_MIN_ROWS[4] - 1, 4, "gemv_quant"),
+        (cpu.QUANT_GEMM_MIN_ROWS[4], 4, "gemm_quant"),
+        (cpu.QUANT_GEMM_MIN_ROWS[8] - 1, 8, "gemv_quant"),
+        (16, 8, "gemm_quant"),
     ):
-        used.clear()  # batched decode: int4 from INT4_GEMM_MIN_ROWS rows on the GEMM, int8 on the GEMV up to 16
+        used.clear()  # batched decode: from QUANT_GEMM_MIN_ROWS rows (by bits) on the GEMM, below on the GEMV
         qw, qq, sc, of = _case(bits, 40, 512, 128, offsets=True)
         xr = torch.randn(rows, 512).bfloat16()
         y = (kernels.linear_int4 if bits == 4 else kernels.linear_int8)(xr, qw, sc, of, 128)
@@ -393,7 +395,7 @@ def test_int16_gemm_dispatch_avx2(monkeypatch, fast):
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
     monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset: fast)
     used = _spy_ops(monkeypatch, "avx2")
-    for rows, expected in ((30, "gemm_quant" if fast else "dequant"), (cpu.INT4_GEMM_MIN_ROWS, "gemv_quant")):
+    for rows, expected in ((30, "gemm_quant" if fast else "dequant"), (cpu.QUANT_GEMM_MIN_ROWS[4], "gemv_quant")):
         used.clear()
         qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
         x = torch.randn(rows, 512).bfloat16()

@@ -18,7 +18,7 @@ or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the ke
 fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it). Where that is fp32 on the avx512 set, int8/int4 prefill with
 bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV,
 weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the
-Intel Xeon VM), and so does int4 decode from INT4_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM (16-channel
+Intel Xeon VM), and so does batched decode from QUANT_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM (16-channel
 blocks, 6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16 dot outruns the FMA (`isa.int16_dot_fast`: AVX-VNNI
 cores; 1.2-1.45x the dequantize + MKL fp32 path at M = 512 on the Intel Xeon VM restricted to AVX2); AMD Zen 2/3
 keep dequantize + fp32.
@@ -84,10 +84,13 @@ REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (el
 # int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
 BF16_GEMV_MAX_ELEMENTS = 16384
-# int4 rows from which the int16 GEMM (where `_int16_gemm_ok`) beats the GEMV, Intel Xeon VM, 2 threads, ms per
-# matrix GEMV / GEMM: M = 12 6144x2048 1.43-1.75 / 1.72-1.86, 2048x5504 2.67 / 1.70, 151936x2048 34-45 / 31-33;
-# M = 16 2.24 / 2.05, 3.62 / 2.04, 51-62 / 51-53; M = 8 1.01 / 1.48. (int8: GEMV up to 16 rows, it wins at K = 2048.)
-INT4_GEMM_MIN_ROWS = 12
+# Rows of x from which the int16 GEMM (where `_int16_gemm_ok`, avx512 set) beats the GEMV for decode-sized batches,
+# by bits. The GEMM works through K in L1-sized chunks there and prefetches the next block of weight rows.
+# Intel Xeon VM, 2 threads, ms per matrix, GEMV / GEMM (alternating in one process, 2026-12-03):
+# int4 M = 6 6144x2048 0.62 / 0.57, 2048x5504 0.76 / 0.50, 151936x2048 14.4 / 15.4; M = 8 0.80 / 0.64,
+# 1.00 / 0.61, 18.8 / 17.4; M = 16 1.57 / 1.08, 1.98 / 1.02, 39.4 / 28.6. int8 M = 8 0.80 / 0.74, 0.97 / 0.70,
+# 19.0 / 23.0; M = 10 1.05 / 0.83, 1.19 / 0.77, 26.8 / 24.5; M = 16 1.54 / 1.13, 1.84 / 1.10, 37.8 / 33.1.
+QUANT_GEMM_MIN_ROWS = {4: 8, 8: 10}
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
 # A bf16 weight converted to fp32 tiles costs ~4 ms per 5504x2048 matrix and call (2 threads): where the bf16
 # GEMM is native but slower than fp32 (`gemm_dtype`), that pays from this many rows of x only. Intel Xeon VM
@@ -294,7 +297,7 @@ def linear_quant(
     )
     rows = x2.shape[0]
     gemv = rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits)
-    if gemv and bits == 4 and rows >= INT4_GEMM_MIN_ROWS and kset == "avx512":  # (crossover measured there)
+    if gemv and rows >= QUANT_GEMM_MIN_ROWS[bits] and kset == "avx512":  # (crossover measured there)
         gemv = not _int16_gemm_ok(kset, k, group_size, x2.dtype)
     if gemv:
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <utility>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -39,7 +40,20 @@ struct QuantX {
   int64_t Gp = 0;
 };
 
-void quantize_x(const void* x, FT xt, int64_t M, int64_t K, int64_t g, bool int4, QuantX& out) {
+// The order quantize_x stores each row's int16 words in (the weights' unpacking decides it):
+// kPlain: k order. kGemvInt4: per 4 kL k, the 2 kL even ks then the 2 kL odd ks (quantized GEMV).
+// kGemmInt8 / kGemmInt4: the int32 pairs of gemm_pair_k (int16 GEMM).
+enum class XOrder { kPlain, kGemvInt4, kGemmInt8, kGemmInt4 };
+
+// First k of the GEMM's int16 pair q (the second is this + the returned stride): the pairs the weight unpacking
+// makes from one 32-bit word of weights with two 16-bit shifts and masks, no shuffles. int8: 4 k per word, pairs
+// (0, 2), (1, 3); int4: 8 k per word (byte j: k = 2j low nibble, 2j + 1 high), pairs (0, 4), (1, 5), (2, 6), (3, 7).
+inline int64_t gemm_pair_k(bool int4, int64_t q, int64_t& stride) {
+  stride = int4 ? 4 : 2;
+  return int4 ? 8 * (q / 4) + q % 4 : 4 * (q / 2) + q % 2;
+}
+
+void quantize_x(const void* x, FT xt, int64_t M, int64_t K, int64_t g, XOrder order, QuantX& out) {
   const int64_t G = K / g, ck = chunk_k(true), half = ck / 2;  // int4 layout blocks; K % chunk_k(int4) == 0
   out.Gp = (G + 15) / 16 * 16;
   out.stride = K + 32;
@@ -72,11 +86,18 @@ void quantize_x(const void* x, FT xt, int64_t M, int64_t K, int64_t g, bool int4
       }
       gs[k0 / g] = float(s);
     }
-    if (!int4) {
+    if (order == XOrder::kPlain) {
       for (int64_t k = 0; k < K; ++k) qm[k] = int16_t(qi[k]);
-    } else {  // per block of ck k: the even ks, then the odd ks
+    } else if (order == XOrder::kGemvInt4) {  // per block of ck k: the even ks, then the odd ks
       for (int64_t k0 = 0; k0 < K; k0 += ck)
         for (int64_t j = 0; j < half; ++j) qm[k0 + j] = int16_t(qi[k0 + 2 * j]), qm[k0 + half + j] = int16_t(qi[k0 + 2 * j + 1]);
+    } else {
+      const bool w4 = order == XOrder::kGemmInt4;
+      for (int64_t q = 0; q < K / 2; ++q) {
+        int64_t st;
+        const int64_t k = gemm_pair_k(w4, q, st);
+        qm[2 * q] = int16_t(qi[k]), qm[2 * q + 1] = int16_t(qi[k + st]);
+      }
     }
   }
 }
@@ -256,7 +277,7 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.gshift = 0;
   while ((F << a.gshift) < group_size) ++a.gshift;  // group_size / F is a power of two
   QuantX xq;
-  quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, int4, xq);
+  quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, int4 ? XOrder::kGemvInt4 : XOrder::kPlain, xq);
   a.xq = &xq;
   at::Tensor out = at::empty({M, N}, x.options());
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
@@ -282,99 +303,89 @@ constexpr int kGN = 2 * kL;            // output channels per block (2 vectors)
 constexpr int kGM = kL == 16 ? 12 : 6;  // rows per register tile
 
 struct GemmBlock {
-  std::vector<int32_t> w;   // [K / 2][kGN] int16 pairs (k, k + 1) of each channel
+  std::vector<int32_t> w;   // [chunk k / 2][kGN] int16 pairs of gemm_pair_k, one K chunk
   std::vector<float> s, o;  // [G][kGN] scales, offsets (0 past the last channel)
+  std::vector<float> acc;   // [M][kGN] fp32 sums of the chunks so far
+  std::vector<float> tmp;   // one row of scales
   float bias[kGN];
+  const uint8_t* row[kGN];  // the block's weight rows (rows past nb repeat row nb - 1: their scales are 0)
 };
 
-// (k, k + 1) as one int32: k in the low half. int4 byte b holds k = 2j (low nibble) and 2j + 1 (high nibble).
-QK_INLINE int32_t pair_of(int32_t lo, int32_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
-
-#if defined(QK_ISA_AVX512)
-// 4 bytes at byte offset off of rows n0 + 16 half + lane (lanes past nb read row nb - 1; never stored).
-QK_INLINE vi gather_rows(const QArgs& a, int64_t n0, int64_t nb, int64_t half, int64_t off) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i rows = _mm512_min_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(int(16 * half))),
-                                        _mm512_set1_epi32(int(nb - 1)));
-  const __m512i idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(int(a.row_bytes)));
-  return _mm512_i32gather_epi32(idx, a.w + n0 * a.row_bytes + off, 1);
-}
-#endif
-
-void pack_block(const QArgs& a, bool int4, int64_t n0, int64_t nb, GemmBlock& blk) {
-  const int64_t KP = a.K / 2, G = a.G;
-  blk.w.resize(KP * kGN);
+// Scales, offsets, bias and row pointers of channels n0..n0+nb-1.
+void block_setup(const QArgs& a, int64_t n0, int64_t nb, int64_t M, GemmBlock& blk) {
+  const int64_t G = a.G;
   blk.s.assign(G * kGN, 0.f);
   blk.o.assign(G * kGN, 0.f);
-  int32_t* d = blk.w.data();
-#if defined(QK_ISA_AVX512)
-  const vi lo16 = _mm512_set1_epi32(0xffff), nib = _mm512_set1_epi32(0x0f);
-  for (int half = 0; half < 2; ++half) {
-    if (int4) {  // 4 bytes = 4 k pairs (low nibble k, high nibble k + 1)
-      for (int64_t kp = 0; kp < KP; kp += 4) {
-        const vi g = gather_rows(a, n0, nb, half, kp);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) {
-          const vi b = _mm512_srli_epi32(g, 8 * i);
-          const vi pair = _mm512_or_si512(_mm512_and_si512(b, nib), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 4), nib), 16));
-          _mm512_storeu_si512(d + (kp + i) * kGN + 16 * half, pair);
-        }
-      }
-    } else {  // 4 bytes = 2 k pairs of int8, sign-extended to int16 each
-      for (int64_t kp = 0; kp < KP; kp += 2) {
-        const vi g = gather_rows(a, n0, nb, half, 2 * kp);
-#pragma GCC unroll 2
-        for (int i = 0; i < 2; ++i) {
-          const vi lo = _mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(g, 24 - 16 * i), 24), lo16);
-          const vi hi = _mm512_slli_epi32(_mm512_srai_epi32(_mm512_slli_epi32(g, 16 - 16 * i), 24), 16);
-          _mm512_storeu_si512(d + (kp + i) * kGN + 16 * half, _mm512_or_si512(lo, hi));
-        }
-      }
-    }
-  }
-#else
-  // Row by row, scalar: paid once per block of channels, for all rows of x.
-  for (int64_t j = 0; j < kGN; ++j) {
-    const uint8_t* row = a.w + (n0 + std::min<int64_t>(j, nb - 1)) * a.row_bytes;
-    if (int4)
-      for (int64_t kp = 0; kp < KP; ++kp) d[kp * kGN + j] = pair_of(row[kp] & 0x0f, row[kp] >> 4);
-    else
-      for (int64_t kp = 0; kp < KP; ++kp)
-        d[kp * kGN + j] = pair_of(int8_t(row[2 * kp]), int8_t(row[2 * kp + 1]));
-  }
-#endif
+  blk.acc.assign(M * kGN, 0.f);
+  for (int i = 0; i < kGN; ++i) blk.row[i] = a.w + (n0 + std::min<int64_t>(i, nb - 1)) * a.row_bytes;
   for (int64_t j = 0; j < kGN; ++j) blk.bias[j] = a.bias && j < nb ? ld1(a.bias, a.bt, n0 + j) : 0.f;
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t g = 0; g < G; ++g) {
-      blk.s[g * kGN + j] = ld1(a.scales, a.st, (n0 + j) * G + g);
-      if (a.offsets) blk.o[g * kGN + j] = ld1(a.offsets, a.ot, (n0 + j) * G + g);
+  blk.tmp.resize(G + kL);
+  for (int64_t j = 0; j < nb; ++j) {  // (a row of G as fp32, then strided stores: no per-element dtype switch)
+    load_f32(a.scales, a.st, (n0 + j) * G, G, blk.tmp.data());
+    for (int64_t g = 0; g < G; ++g) blk.s[g * kGN + j] = blk.tmp[g];
+    if (a.offsets) {
+      load_f32(a.offsets, a.ot, (n0 + j) * G, G, blk.tmp.data());
+      for (int64_t g = 0; g < G; ++g) blk.o[g * kGN + j] = blk.tmp[g];
     }
+  }
 }
 
-// Rows m0..m0+MT-1 times one packed block -> out (channels n0..n0+nb-1). Int32 sums are flushed every fk k
-// (the group, or a part of a longer one: `gemm_flush_k`), times the scales of the group they lie in.
+// Weight bytes [b0, b1) of each of the block's rows (a multiple of 4) into blk.w as int16 pairs: kL rows at a
+// time are read 4 kL bytes per row and transposed, so that each vector holds one 32-bit word (int4: 8 k, int8:
+// 4 k) of kL channels; two 16-bit shifts and masks per vector then give the pairs of gemm_pair_k. The chunk is
+// small enough to stay in L1 for the tiles that read it (packing the whole K into a 128 KiB buffer, or
+// unpacking with vpgatherdd, made the pack as slow as the vpdpwssd work of 12 rows).
+void pack_chunk(bool int4, int64_t b0, int64_t b1, GemmBlock& blk) {
+  const vi nib = iset1_16(0x0f);
+  for (int64_t off = b0; off < b1; off += 4 * kL) {
+    const int words = int(std::min<int64_t>(kL, (b1 - off) / 4));
+    for (int half = 0; half < 2; ++half) {
+      int32_t* d = blk.w.data() + kL * half;
+      vi r[kL];
+#pragma GCC unroll 16
+      for (int i = 0; i < kL; ++i) r[i] = iload_words(blk.row[kL * half + i] + off, words);
+      transpose_words(r);
+      for (int j = 0; j < words; ++j) {
+        if (int4) {  // word = 4 bytes = 4 pairs: (k0, k4) (k1, k5) (k2, k6) (k3, k7)
+          int32_t* o = d + (off - b0 + 4 * j) * kGN;
+          istore(o, iand(r[j], nib));
+          istore(o + kGN, iand(isrli16(r[j], 4), nib));
+          istore(o + 2 * kGN, iand(isrli16(r[j], 8), nib));
+          istore(o + 3 * kGN, isrli16(r[j], 12));
+        } else {  // word = 4 int8 = 2 pairs: (k0, k2) (k1, k3), sign-extended
+          int32_t* o = d + (off - b0 + 4 * j) / 2 * kGN;
+          istore(o, israi16(islli16(r[j], 8), 8));
+          istore(o + kGN, israi16(r[j], 8));
+        }
+      }
+    }
+  }
+}
+
+// Rows m0..m0+MT-1 times the packed chunk (k pairs kp0..kp0+np-1, whole flush blocks of fk k) into blk.acc.
+// Int32 sums are flushed every fk k (the group, or a part of a longer one: `gemm_flush_k`), times the scales of
+// the group they lie in.
 template <int MT>
-QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g,
-                         int64_t fk) {
+QK_NO_PRE void gemm_tile(const QArgs& a, GemmBlock& blk, int64_t m0, int64_t kp0, int64_t np, int64_t g, int64_t fk) {
   const QuantX& xq = *a.xq;
-  const int64_t K = a.K, G = a.G, xs = xq.stride, fp = fk / 2;  // k pairs per flush
+  const int64_t xs = xq.stride, fp = fk / 2;  // k pairs per flush
   vf cf[MT][2];
+  float* accp = blk.acc.data() + m0 * kGN;
 #pragma GCC unroll 12
-  for (int m = 0; m < MT; ++m) cf[m][0] = cf[m][1] = fzero();
+  for (int m = 0; m < MT; ++m) cf[m][0] = fload(accp + m * kGN), cf[m][1] = fload(accp + m * kGN + kL);
   const int32_t* xrow[MT];
-  for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int32_t*>(xq.q + (m0 + m) * xs);
-  for (int64_t f = 0; f < K / fk; ++f) {
-    const int64_t gi = f * fk / g;
+  for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int32_t*>(xq.q + (m0 + m) * xs) + kp0;
+  const int32_t* wp = blk.w.data();
+  for (int64_t f = 0; f < np / fp; ++f) {
+    const int64_t gi = (kp0 + f * fp) * 2 / g;
     vi acc[MT][2];
 #pragma GCC unroll 12
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = izero();
-    const int32_t* wp = blk.w.data() + f * fp * kGN;
-    const int64_t kp0 = f * fp;
-    for (int64_t kp = 0; kp < fp; ++kp, wp += kGN) {
+    for (int64_t kp = f * fp; kp < (f + 1) * fp; ++kp, wp += kGN) {
       const vi w0 = iload(reinterpret_cast<const int16_t*>(wp)), w1 = iload(reinterpret_cast<const int16_t*>(wp + kL));
 #pragma GCC unroll 12
       for (int m = 0; m < MT; ++m) {
-        const vi xv = iset1_32(xrow[m][kp0 + kp]);
+        const vi xv = iset1_32(xrow[m][kp]);
         acc[m][0] = idot16(acc[m][0], xv, w0);
         acc[m][1] = idot16(acc[m][1], xv, w1);
       }
@@ -386,22 +397,32 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
       cf[m][1] = ffma(icvt_f(acc[m][1]), s1, cf[m][1]);
     }
   }
-  if (a.offsets) {  // + sum_g offset[n, g] * sum(xq over group g)
-    for (int64_t gi = 0; gi < G; ++gi) {
-      const vf o0 = fload(blk.o.data() + gi * kGN), o1 = fload(blk.o.data() + gi * kGN + kL);
 #pragma GCC unroll 12
-      for (int m = 0; m < MT; ++m) {
-        const vf gs = fset1(xq.gsum[(m0 + m) * xq.Gp + gi]);
-        cf[m][0] = ffma(o0, gs, cf[m][0]);
-        cf[m][1] = ffma(o1, gs, cf[m][1]);
+  for (int m = 0; m < MT; ++m) fstore(accp + m * kGN, cf[m][0]), fstore(accp + m * kGN + kL, cf[m][1]);
+}
+
+template <int... Ms>
+void gemm_tile_m(int64_t mt, const QArgs& a, GemmBlock& blk, int64_t m0, int64_t kp0, int64_t np, int64_t g,
+                 int64_t fk, std::integer_sequence<int, Ms...>) {
+  ((mt == Ms + 1 ? (gemm_tile<Ms + 1>(a, blk, m0, kp0, np, g, fk), true) : false) || ...);
+}
+
+// The block's sums (blk.acc) + offsets and bias, times each row's dx -> out (channels n0..n0+nb-1).
+void gemm_store(const QArgs& a, const GemmBlock& blk, int64_t M, int64_t n0, int64_t nb) {
+  const QuantX& xq = *a.xq;
+  const vf b0 = fload(blk.bias), b1 = fload(blk.bias + kL);
+  for (int64_t m = 0; m < M; ++m) {
+    vf c0 = fload(blk.acc.data() + m * kGN), c1 = fload(blk.acc.data() + m * kGN + kL);
+    if (a.offsets) {  // + sum_g offset[n, g] * sum(xq over group g)
+      for (int64_t gi = 0; gi < a.G; ++gi) {
+        const vf gs = fset1(xq.gsum[m * xq.Gp + gi]);
+        c0 = ffma(fload(blk.o.data() + gi * kGN), gs, c0);
+        c1 = ffma(fload(blk.o.data() + gi * kGN + kL), gs, c1);
       }
     }
-  }
-  const vf b0 = fload(blk.bias), b1 = fload(blk.bias + kL);
-  for (int m = 0; m < MT; ++m) {
-    const vf dx = fset1(xq.dx[m0 + m]);
-    const vf r0 = ffma(cf[m][0], dx, b0), r1 = ffma(cf[m][1], dx, b1);
-    const int64_t o = (m0 + m) * a.N + n0;
+    const vf dx = fset1(xq.dx[m]);
+    const vf r0 = ffma(c0, dx, b0), r1 = ffma(c1, dx, b1);
+    const int64_t o = m * a.N + n0;
     if (nb == kGN && a.outt == FT::BF16) {
       fstore_bf16(static_cast<uint16_t*>(a.out) + o, r0);
       fstore_bf16(static_cast<uint16_t*>(a.out) + o + kL, r1);
@@ -416,15 +437,10 @@ QK_NO_PRE void gemm_tile(const QArgs& a, const GemmBlock& blk, int64_t m0, int64
   }
 }
 
-template <int... Ms>
-void gemm_tile_m(int64_t mt, const QArgs& a, const GemmBlock& blk, int64_t m0, int64_t n0, int64_t nb, int64_t g,
-                 int64_t fk, std::integer_sequence<int, Ms...>) {
-  ((mt == Ms + 1 ? (gemm_tile<Ms + 1>(a, blk, m0, n0, nb, g, fk), true) : false) || ...);
-}
-
 // k per int32 flush: the group, halved while above kGemmMaxFlush and still a whole number of k pairs
 // (int32 lanes sum fk products of at most 128 * 32767: fk <= 256 cannot overflow).
 constexpr int64_t kGemmMaxFlush = 256;
+constexpr int64_t kGemmChunkMaxRows = 32;  // rows of x up to which the GEMM works through K in chunks
 inline int64_t gemm_flush_k(int64_t g) {
   int64_t fk = g;
   while (fk > kGemmMaxFlush && fk % 4 == 0) fk /= 2;
@@ -492,20 +508,40 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
               " / ", group_size);
   const int64_t fk = gemm_flush_k(group_size);
   QuantX xq;
-  quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, false, xq);  // plain k order: pairs (k, k + 1)
+  quantize_x(x.data_ptr(), ft_of(x, "x"), M, K, group_size, int4 ? XOrder::kGemmInt4 : XOrder::kGemmInt8, xq);
   a.xq = &xq;
   at::Tensor out = at::empty({M, N}, x.options());
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
   const int64_t blocks = (N + kGN - 1) / kGN;
+  // Decode-sized M: K chunks of whole flush blocks and whole 32-bit weight words (8 k), about 128 k: 8 KiB of
+  // pairs (<= 64), packed and used while in L1. Prefill: the whole K at once, so that each register tile
+  // streams its rows of x from start to end (chunks of 128 k made M = 512 1.3-1.45x slower: x is ~2 MiB).
+  const int64_t unit = std::lcm(fk, int64_t(8));
+  const int64_t ck = M > kGemmChunkMaxRows ? K : unit * std::max<int64_t>(1, 128 / unit);  // divides K
+  const int64_t bpp = int4 ? 1 : 2, nchunks = (K + ck - 1) / ck;  // row bytes per k pair
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     GemmBlock blk;
+    blk.w.resize(ck / 2 * kGN);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kGN, nb = std::min<int64_t>(kGN, N - n0);
-      pack_block(a, int4, n0, nb, blk);
-      for (int64_t m0 = 0; m0 < M; m0 += kGM) {
-        const int64_t mt = std::min<int64_t>(kGM, M - m0);
-        gemm_tile_m(mt, a, blk, m0, n0, nb, group_size, fk, std::make_integer_sequence<int, kGM>{});
+      block_setup(a, n0, nb, M, blk);
+      // The next block's rows (contiguous bytes) into L2, a slice per chunk: the chunk reads one line of each
+      // of kGN rows, which the hardware prefetcher does not follow (those loads were ~80% of the pack's time).
+      const uint8_t* next = a.w + (n0 + kGN) * a.row_bytes;
+      // (Not with one chunk, prefill: a burst of all of them stalled the loads; the pack is a small part there.)
+      const int64_t next_bytes = b + 1 < blocks && nchunks > 1 ? std::min<int64_t>(kGN, N - n0 - kGN) * a.row_bytes : 0;
+      const int64_t slice = (next_bytes + nchunks - 1) / nchunks;
+      for (int64_t k0 = 0, c = 0; k0 < K; k0 += ck, ++c) {
+        const int64_t kc = std::min(ck, K - k0);  // a whole number of flush blocks (fk divides K)
+        for (int64_t l = c * slice; l < std::min((c + 1) * slice, next_bytes); l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(next + l), _MM_HINT_T1);
+        pack_chunk(int4, k0 / 2 * bpp, (k0 + kc) / 2 * bpp, blk);
+        for (int64_t m0 = 0; m0 < M; m0 += kGM) {
+          const int64_t mt = std::min<int64_t>(kGM, M - m0);
+          gemm_tile_m(mt, a, blk, m0, k0 / 2, kc / 2, group_size, fk, std::make_integer_sequence<int, kGM>{});
+        }
       }
+      gemm_store(a, blk, M, n0, nb);
     }
   });
   return out;

@@ -68,6 +68,32 @@ QK_INLINE vi idot16(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b);
 QK_INLINE vf icvt_f(vi v) { return _mm512_cvtepi32_ps(v); }
 QK_INLINE vi fround_i(vf v) { return _mm512_cvtps_epi32(v); }  // round to nearest even
 QK_INLINE void istore(int32_t* p, vi v) { _mm512_storeu_si512(p, v); }
+QK_INLINE vi islli16(vi a, int n) { return _mm512_slli_epi16(a, n); }
+QK_INLINE vi israi16(vi a, int n) { return _mm512_srai_epi16(a, n); }
+QK_INLINE vi iload_words(const void* p, int n) {  // n <= kL 32-bit words, the rest 0 (nothing read past them)
+  return n == kL ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32(__mmask16((1u << n) - 1), p);
+}
+// r[i] word j -> r[j] word i (a kL x kL transpose of 32-bit words): 32-bit, 64-bit, then two 128-bit stages.
+QK_INLINE void transpose_words(vi (&r)[kL]) {
+  vi t[kL];
+#pragma GCC unroll 8
+  for (int i = 0; i < kL; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < kL; i += 4) {  // r[i + c], 128-bit lane l: rows i..i+3, word 4 l + c
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // t[c]: rows 0-3 / 4-7 words c and c + 8; t[4 + c]: words c + 4, c + 12
+    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88), r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    r[c + 4] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88), r[c + 12] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
 
 #else  // QK_ISA_AVX2
 
@@ -126,6 +152,30 @@ QK_INLINE vi idot16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_ma
 QK_INLINE vf icvt_f(vi v) { return _mm256_cvtepi32_ps(v); }
 QK_INLINE vi fround_i(vf v) { return _mm256_cvtps_epi32(v); }
 QK_INLINE void istore(int32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
+QK_INLINE vi islli16(vi a, int n) { return _mm256_slli_epi16(a, n); }
+QK_INLINE vi israi16(vi a, int n) { return _mm256_srai_epi16(a, n); }
+QK_INLINE vi iload_words(const void* p, int n) {  // n <= kL 32-bit words, the rest 0 (nothing read past them)
+  if (n == kL) return _mm256_loadu_si256((const __m256i*)p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_epi32((const int*)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+// r[i] word j -> r[j] word i (kL x kL 32-bit words): 32-bit, 64-bit, then the 128-bit stage.
+QK_INLINE void transpose_words(vi (&r)[kL]) {
+  vi t[kL];
+#pragma GCC unroll 4
+  for (int i = 0; i < kL; i += 2) t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+#pragma GCC unroll 2
+  for (int i = 0; i < kL; i += 4) {  // r[i + c], 128-bit lane l: rows i..i+3, word 4 l + c
+    r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x20), t[c + 4] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x31);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kL; ++i) r[i] = t[i];
+}
 // No bf16 dot on this set: callers check kBf16Dot, so this is declared only (a use would not link).
 vf fdot_bf16(vf acc, const uint16_t* w, const uint16_t* x);
 
