@@ -292,9 +292,10 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 // ---------------------------------------------------------------- int16 x int8/int4 GEMM (prefill)
 //
-// Many rows of x (prefill; on avx512 also int4 batched decode from 12 rows, see cpu.py): x quantized per row to
-// int16 as for the GEMV, the weight unpacked block by block of kGN = 2 vectors of output channels into int16
-// pairs laid out so that one vector holds one k pair of kL channels, and idot16 (vpdpwssd, or vpmaddwd + vpaddd)
+// Many rows of x (prefill; on avx512 also batched decode from QUANT_GEMM_MIN_ROWS rows, see cpu.py): x quantized
+// per row to int16 as for the GEMV, the weight unpacked block by block of kGN = 2 vectors of output channels into
+// int16 pairs laid out so that one vector holds one k pair of kL channels (for decode-sized M one K chunk at a
+// time, see gemm_quant), and idot16 (vpdpwssd, or vpmaddwd + vpaddd)
 // sums pairs of products into int32 lanes = output channels. A register tile of kGM rows x 2 vectors takes one
 // broadcast of an x pair per row and two weight vectors per k pair (avx512: 12 rows, 24 of the 32 registers;
 // avx2: 6 rows, 12 of 16); int32 sums are flushed per group (or every <= 256 k of a longer one) into fp32 sums,
