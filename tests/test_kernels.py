@@ -389,18 +389,24 @@ def test_int16_gemm_dispatch(monkeypatch):
 @pytest.mark.parametrize("fast", [False, True])
 def test_int16_gemm_dispatch_avx2(monkeypatch, fast):
     """The avx2 set: prefill takes the int16 GEMM only where its int16 dot outruns the FMA (fast), else dequantize
-    + F.linear; batched int4 decode stays on the GEMV up to GEMV_MAX_ROWS (the GEMM's 6-row tile is not measured
-    faster there)."""
+    + F.linear; batched decode takes it from QUANT_GEMM_MIN_ROWS rows there too, else the GEMV."""
     monkeypatch.setenv(isa.ISA_ENV, "avx2")
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: torch.float32)
     monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset: fast)
     used = _spy_ops(monkeypatch, "avx2")
-    for rows, expected in ((30, "gemm_quant" if fast else "dequant"), (cpu.QUANT_GEMM_MIN_ROWS[4], "gemv_quant")):
+    decode = "gemm_quant" if fast else "gemv_quant"
+    for rows, bits, expected in (
+        (30, 4, "gemm_quant" if fast else "dequant"),
+        (cpu.QUANT_GEMM_MIN_ROWS[4], 4, decode),
+        (cpu.QUANT_GEMM_MIN_ROWS[4] - 1, 4, "gemv_quant"),
+        (cpu.QUANT_GEMM_MIN_ROWS[8], 8, decode),
+    ):
         used.clear()
-        qweight, q, scales, offs = _case(4, 40, 512, 128, offsets=True)
+        qweight, q, scales, offs = _case(bits, 40, 512, 128, offsets=True)
         x = torch.randn(rows, 512).bfloat16()
-        y = kernels.linear_int4(x, qweight, scales, offs, 128)
-        assert expected in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-2
+        y = (kernels.linear_int4 if bits == 4 else kernels.linear_int8)(x, qweight, scales, offs, 128)
+        assert expected in used and ("gemm_quant" in used) == (expected == "gemm_quant")
+        assert _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-2
 
 
 @needs_fast

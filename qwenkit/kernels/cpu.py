@@ -18,10 +18,10 @@ or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the ke
 fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it). Where that is fp32 on the avx512 set, int8/int4 prefill with
 bf16 activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV,
 weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the
-Intel Xeon VM), and so does batched decode from QUANT_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM (16-channel
-blocks, 6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16 dot outruns the FMA (`isa.int16_dot_fast`: AVX-VNNI
-cores; 1.2-1.45x the dequantize + MKL fp32 path at M = 512 on the Intel Xeon VM restricted to AVX2); AMD Zen 2/3
-keep dequantize + fp32.
+Intel Xeon VM), and so does batched decode from QUANT_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM
+(16-channel blocks, 6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16 dot outruns the FMA (`isa.int16_dot_fast`:
+AVX-VNNI cores; 1.2-1.45x the dequantize + MKL fp32 path at M = 512 on the Intel Xeon VM restricted to AVX2), for
+prefill and batched decode alike; AMD Zen 2/3 keep dequantize + fp32 and the GEMV.
 Token-wise ops (csrc/token_ops.cpp): RMSNorm and rotary + the KV cache write, one kernel each instead of a
 chain of small PyTorch ops (at decode their dispatch, not their arithmetic, is the cost): int4 decode of the
 full-size 1.8B on the Intel Xeon VM, 2 threads, 32 tokens, alternating in one process: 13.3-15.0 tok/s with
@@ -84,12 +84,15 @@ REQUIRE_ENV = "QWENKIT_REQUIRE_EXT"  # "1": the chosen kernel set must build (el
 # int8/int4 vs dequantize + F.linear up to M = 16; bf16/fp32 vs F.linear while M * K <= 16384 (x fits in L1).
 GEMV_MAX_ROWS = 16
 BF16_GEMV_MAX_ELEMENTS = 16384
-# Rows of x from which the int16 GEMM (where `_int16_gemm_ok`, avx512 set) beats the GEMV for decode-sized batches,
-# by bits. The GEMM works through K in L1-sized chunks there and prefetches the next block of weight rows.
-# Intel Xeon VM, 2 threads, ms per matrix, GEMV / GEMM (alternating in one process, 2026-12-03):
+# Rows of x from which the int16 GEMM (where `_int16_gemm_ok`) beats the GEMV for decode-sized batches, by bits.
+# The GEMM works through K in L1-sized chunks there and prefetches the next block of weight rows.
+# Intel Xeon VM, 2 threads, ms per matrix, GEMV / GEMM (alternating in one process, 2026-12-03), avx512 set:
 # int4 M = 6 6144x2048 0.62 / 0.57, 2048x5504 0.76 / 0.50, 151936x2048 14.4 / 15.4; M = 8 0.80 / 0.64,
 # 1.00 / 0.61, 18.8 / 17.4; M = 16 1.57 / 1.08, 1.98 / 1.02, 39.4 / 28.6. int8 M = 8 0.80 / 0.74, 0.97 / 0.70,
 # 19.0 / 23.0; M = 10 1.05 / 0.83, 1.19 / 0.77, 26.8 / 24.5; M = 16 1.54 / 1.13, 1.84 / 1.10, 37.8 / 33.1.
+# avx2 set (AVX-VNNI core, the same VM): int4 M = 6 0.85 / 0.78, 0.73 / 0.73, 20.3 / 19.1; M = 8 1.10 / 0.94,
+# 0.97 / 0.94, 26.3 / 23.1; int8 M = 8 1.21 / 1.12, 0.98 / 1.02, 29.3 / 27.5; M = 10 1.34 / 1.25, 1.22 / 1.17,
+# 32.4 / 31.1; M = 16 2.43 / 1.81, 1.96 / 1.65, 58.4 / 43.9. (Zen 2/3: no int16 GEMM, `_int16_gemm_ok`.)
 QUANT_GEMM_MIN_ROWS = {4: 8, 8: 10}
 PREFILL_TILE_ELEMENTS = 1 << 22  # weight elements dequantized per F.linear call (4M beat 1M and 8M)
 # A bf16 weight converted to fp32 tiles costs ~4 ms per 5504x2048 matrix and call (2 threads): where the bf16
@@ -297,7 +300,7 @@ def linear_quant(
     )
     rows = x2.shape[0]
     gemv = rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits)
-    if gemv and rows >= QUANT_GEMM_MIN_ROWS[bits] and kset == "avx512":  # (crossover measured there)
+    if gemv and rows >= QUANT_GEMM_MIN_ROWS[bits]:
         gemv = not _int16_gemm_ok(kset, k, group_size, x2.dtype)
     if gemv:
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
