@@ -309,6 +309,28 @@ def test_int16_gemm(name, bits, g, m, xdtype):
 @needs_fast
 @pytest.mark.parametrize("name", BUILT)
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "n, k, g, m",
+    [
+        (1, 64, 32, 9),  # one channel (a block of 1 of 2 kL), the smallest K
+        (31, 192, 64, 16),  # K chunks of 128 k + a 64-k tail
+        (33, 320, 32, 33),  # past the chunked rows: the whole K at once
+        (65, 1088, 64, 12),  # 8 chunks + a tail, three blocks (the next block's prefetch clipped at N)
+        (17, 2112, 2112, 8),  # per channel: flushes of 132 k, chunks of 264
+    ],
+)
+def test_int16_gemm_odd_shapes(name, bits, n, k, g, m):
+    """`gemm_quant` on shapes where the K chunks, the packing's word tails and the channel blocks do not line up."""
+    ops = cpu.ops_for(name)
+    qweight, q, scales, offs = _case(bits, n, k, g, offsets=bits == 4, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+    y = ops.gemm_quant(x, qweight, scales, offs, g, None, bits)
+    assert y.shape == (m, n) and _rel(y, _expected(x, q, scales, offs, g, None)) < 1e-2
+
+
+@needs_fast
+@pytest.mark.parametrize("name", BUILT)
+@pytest.mark.parametrize("bits", [8, 4])
 def test_int16_gemm_outliers_nan_and_extremes(name, bits):
     """Outlier channels (a per-row int16 scale), a NaN row (NaN out, other rows untouched), the largest weights
     (int8 -128, int4 15) times the largest int16 x over a per-channel group of K = 5504 (flushed every 172 k)
