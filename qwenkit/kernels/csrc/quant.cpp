@@ -292,7 +292,7 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 // ---------------------------------------------------------------- int16 x int8/int4 GEMM (prefill)
 //
-// Many rows of x (prefill; on avx512 also batched decode from QUANT_GEMM_MIN_ROWS rows, see cpu.py): x quantized
+// Many rows of x (prefill, and batched decode from QUANT_GEMM_MIN_ROWS rows, see cpu.py): x quantized
 // per row to int16 as for the GEMV, the weight unpacked block by block of kGN = 2 vectors of output channels into
 // int16 pairs laid out so that one vector holds one k pair of kL channels (for decode-sized M one K chunk at a
 // time, see gemm_quant), and idot16 (vpdpwssd, or vpmaddwd + vpaddd)
@@ -333,9 +333,9 @@ void block_setup(const QArgs& a, int64_t n0, int64_t nb, int64_t M, GemmBlock& b
 
 // Weight bytes [b0, b1) of each of the block's rows (a multiple of 4) into blk.w as int16 pairs: kL rows at a
 // time are read 4 kL bytes per row and transposed, so that each vector holds one 32-bit word (int4: 8 k, int8:
-// 4 k) of kL channels; two 16-bit shifts and masks per vector then give the pairs of gemm_pair_k. The chunk is
-// small enough to stay in L1 for the tiles that read it (packing the whole K into a 128 KiB buffer, or
-// unpacking with vpgatherdd, made the pack as slow as the vpdpwssd work of 12 rows).
+// 4 k) of kL channels; two 16-bit shifts and masks per vector then give the pairs of gemm_pair_k. For
+// decode-sized M the chunk is small enough to stay in L1 for the tiles that read it (packing the whole K into a
+// 128 KiB buffer, or unpacking with vpgatherdd, made the pack as slow as the vpdpwssd work of 12 rows).
 void pack_chunk(bool int4, int64_t b0, int64_t b1, GemmBlock& blk) {
   const vi nib = iset1_16(0x0f);
   for (int64_t off = b0; off < b1; off += 4 * kL) {
@@ -515,7 +515,7 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
   const int64_t blocks = (N + kGN - 1) / kGN;
   // Decode-sized M: K chunks of whole flush blocks and whole 32-bit weight words (8 k), about 128 k: 8 KiB of
-  // pairs (<= 64), packed and used while in L1. Prefill: the whole K at once, so that each register tile
+  // pairs (at most 32 KiB, for flushes of 172-256 k), packed and used while in L1. Prefill: the whole K at once, so that each register tile
   // streams its rows of x from start to end (chunks of 128 k made M = 512 1.3-1.45x slower: x is ~2 MiB).
   const int64_t unit = std::lcm(fk, int64_t(8));
   const int64_t ck = M > kGemmChunkMaxRows ? K : unit * std::max<int64_t>(1, 128 / unit);  // divides K
@@ -528,9 +528,9 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
       block_setup(a, n0, nb, M, blk);
       // The next block's rows (contiguous bytes) into L2, a slice per chunk: the chunk reads one line of each
       // of kGN rows, which the hardware prefetcher does not follow (those loads were ~80% of the pack's time).
-      const uint8_t* next = a.w + (n0 + kGN) * a.row_bytes;
-      // (Not with one chunk, prefill: a burst of all of them stalled the loads; the pack is a small part there.)
+      // (Not with one chunk, prefill: the pack is a small part of the time there; not measured with it.)
       const int64_t next_bytes = b + 1 < blocks && nchunks > 1 ? std::min<int64_t>(kGN, N - n0 - kGN) * a.row_bytes : 0;
+      const uint8_t* next = next_bytes ? a.w + (n0 + kGN) * a.row_bytes : nullptr;
       const int64_t slice = (next_bytes + nchunks - 1) / nchunks;
       for (int64_t k0 = 0, c = 0; k0 < K; k0 += ck, ++c) {
         const int64_t kc = std::min(ck, K - k0);  // a whole number of flush blocks (fk divides K)
