@@ -179,9 +179,10 @@ def test_prefill_without_extension_multiplies_in_gemm_dtype(monkeypatch, bits):
 
 @pytest.mark.parametrize("gemm", ["fp32", "bf16", ""])
 def test_bf16_prefill_in_fp32_tiles(monkeypatch, gemm):
-    """bf16 x with many rows where fp32 GEMMs win (forced here, or this CPU's choice): fp32 tiles of the weight
-    (several here); forced bf16: F.linear in bf16."""
+    """Without the C++ kernels, bf16 x with many rows where fp32 GEMMs win (forced here, or this CPU's choice):
+    fp32 tiles of the weight (several here); forced bf16: F.linear in bf16."""
     monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
     monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 512)
     monkeypatch.setattr(cpu, "FP32_TILES_MIN_ROWS", 40)
     tiles = []
@@ -473,21 +474,78 @@ def test_fast_paths_are_used(kset):
 
 @needs_fast
 @pytest.mark.parametrize("gemm", ["fp32", "bf16"])
-def test_bf16_gemv_rows_where_bf16_gemm_is_slow(kset, monkeypatch, gemm):
-    """Up to 16 rows of bf16 x beyond BF16_GEMV_MAX_ELEMENTS (K = 2048, and K = 5504 where a pass holds 2 rows of
-    x: 8 passes over each block of weight rows): the GEMV where fp32 GEMMs win, else F.linear; the results as
-    F.linear's either way."""
+def test_bf16_rows_where_bf16_gemm_is_slow(kset, monkeypatch, gemm):
+    """bf16 x beyond BF16_GEMV_MAX_ELEMENTS (K = 2048, and K = 5504 where a GEMV pass holds 2 rows of x): where
+    fp32 GEMMs win, the GEMV below FLOAT_GEMM_MIN_ROWS rows and the fp32 GEMM from there; else F.linear (None
+    here); fp32 x times a bf16 weight takes the GEMM beyond the element limit either way. Results as F.linear's."""
     monkeypatch.setenv(isa.GEMM_DTYPE_ENV, gemm)
+    used = _spy_ops(monkeypatch, kset)
+    first = cpu.FLOAT_GEMM_MIN_ROWS[kset]
     for k in (2048, 5504):
-        w, x = torch.randn(40, k).bfloat16(), torch.randn(16, k).bfloat16()
-        y = cpu.linear_bf16(x, w, None)
-        assert (y is not None) == (gemm == "fp32")
-        if y is not None:
-            assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
-        assert cpu.linear_bf16(torch.randn(17, k).bfloat16(), w, None) is None
-        assert (
-            cpu.linear_bf16(x.float(), w, None) is None
-        )  # fp32 x times a bf16 weight: the element limit only
+        w = torch.randn(40, k).bfloat16()
+        for rows, op in ((first - 1, "gemv_bf16"), (first, "gemm_bf16"), (100, "gemm_bf16")):
+            used.clear()
+            x = torch.randn(rows, k).bfloat16()
+            y = cpu.linear_bf16(x, w, None)
+            assert (y is not None) == (gemm == "fp32")
+            if y is not None:
+                assert used == [op] and y.dtype == torch.bfloat16
+                assert _rel(y, F.linear(x.double(), w.double())) < 1e-2
+            used.clear()
+            y = cpu.linear_bf16(x.float(), w, None)
+            assert used == ["gemv_bf16" if rows * k <= cpu.BF16_GEMV_MAX_ELEMENTS else "gemm_bf16"]
+            assert y.dtype == torch.float32 and _rel(y, F.linear(x.double(), w.double())) < 1e-6
+
+
+def _bits_equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.view(torch.int16) == b.view(torch.int16)).float().mean().item()
+
+
+@needs_fast
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 530])  # tile tails (6 / 12 rows); 530: two row panels of <= 512
+@pytest.mark.parametrize("n", [1, 31, 33, 100])  # channel blocks of 16 / 32 and their tails
+@pytest.mark.parametrize("k", [8, 40, 520, 4100])  # below one vector, k tails, several K chunks (+ a tail)
+def test_float_gemm(kset, m, n, k):
+    """csrc/gemm.cpp directly: fp32 x times a bf16 weight as fp32 math (fp32 sums: within 1e-6 of fp64); bf16 x
+    with a bf16 bias: the same products, rounded to bf16 (bit-equal to F.linear on fp32 copies but for
+    one-ulp rounding cases)."""
+    ops = cpu.ops_for(kset)
+    if m * n * k > 4_000_000:
+        n = 33
+    torch.manual_seed(m * 7 + n * 3 + k)
+    w, x, bias = torch.randn(n, k).bfloat16(), torch.randn(m, k), torch.randn(n).bfloat16()
+    y = ops.gemm_bf16(x, w, None)
+    ref = F.linear(x.double(), w.double())
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max().item() <= 1e-6 * (x.double().abs() @ w.double().abs().T).max().item()
+    xb = x.bfloat16()
+    yb = ops.gemm_bf16(xb, w, bias)
+    refb = F.linear(xb.float(), w.float(), bias.float()).bfloat16()
+    assert yb.dtype == torch.bfloat16 and _rel(yb, refb) < 1e-2
+    assert _bits_equal_fraction(yb, refb) > 0.95
+
+
+@needs_fast
+def test_float_gemm_special_values(kset):
+    """A NaN or inf in a row of x reaches that row's outputs only; zero rows give the bias; bad arguments give
+    errors that name the problem."""
+    ops = cpu.ops_for(kset)
+    w, bias = torch.randn(40, 64).bfloat16(), torch.randn(40)
+    x = torch.randn(20, 64)
+    x[3, 5] = float("nan")
+    x[7, 9] = float("inf")
+    x[11] = 0.0
+    y = ops.gemm_bf16(x, w, bias)
+    assert y[3].isnan().all() and y[7].isinf().any() and not y[7].isfinite().all()
+    rest = [r for r in range(20) if r not in (3, 7)]
+    assert y[rest].isfinite().all() and torch.equal(y[11], bias)
+    assert ops.gemm_bf16(torch.empty(0, 64), w, None).shape == (0, 40)
+    with pytest.raises(RuntimeError, match="weight does not match K"):
+        ops.gemm_bf16(torch.randn(4, 63), w, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.gemm_bf16(x, w.float(), None)
+    with pytest.raises(RuntimeError, match="bias must have N elements"):
+        ops.gemm_bf16(x, w, torch.randn(39))
 
 
 @needs_fast

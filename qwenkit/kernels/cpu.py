@@ -103,7 +103,7 @@ FP32_TILES_MIN_ROWS = 128
 
 _CSRC = Path(__file__).with_name("csrc")
 # + common.h, simd.h
-_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "attention.cpp", "token_ops.cpp", "ops.cpp")]
+_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "gemm.cpp", "attention.cpp", "token_ops.cpp", "ops.cpp")]
 # -fopenmp: at::parallel_for is a header template that runs serially without it; the extension then shares
 # the libgomp.so.1 that torch has already loaded (same soname), so there is one thread pool.
 _CFLAGS = ["-O3", "-mtune=native", "-fopenmp"]
@@ -417,8 +417,9 @@ def tiled_linear(
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """GEMV `x @ weight.T + bias` in x.dtype for few rows of x: a bf16 weight with bf16/fp32 x, or an fp32 weight
-    with fp32 x (fp32 FMA sums, as F.linear up to summation order); None otherwise."""
+    """`x @ weight.T + bias` in x.dtype: the GEMV for few rows of x (a bf16 weight with bf16/fp32 x, or an fp32
+    weight with fp32 x: fp32 FMA sums, as F.linear up to summation order), and for more rows of a bf16 weight the
+    fp32 GEMM (`gemm_bf16`) where `_float_gemm_ok` says so; None otherwise (the caller runs PyTorch)."""
     k = x.shape[-1]
     float_pair = weight.dtype == torch.bfloat16 or (
         weight.dtype == torch.float32 and x.dtype == torch.float32
@@ -427,26 +428,56 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in _FLOATS):
         return None
-    if not _plain_cpu(x, weight, bias) or not _float_gemv_fits(x, weight):
+    if not _plain_cpu(x, weight, bias):
         return None
     kset = kernel_set()
     if kset is None:
         return None
-    y = ops_for(kset).gemv_bf16(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
+    if _float_gemv_fits(kset, x, weight):
+        op = ops_for(kset).gemv_bf16
+    elif weight.dtype == torch.bfloat16 and _float_gemm_ok(x):
+        op = ops_for(kset).gemm_bf16
+    else:
+        return None
+    y = op(x.reshape(-1, k).contiguous(), weight.contiguous(), _contig(bias))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _float_gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """M * K <= BF16_GEMV_MAX_ELEMENTS; and where the bf16 GEMM is slow (`gemm_dtype` says fp32), bf16 x times a
-    bf16 weight up to GEMV_MAX_ROWS rows. Intel Xeon VM, ms per matrix, GEMV / bf16 F.linear / fp32 tiles:
-    5504x2048 M = 16 2.98 / 3.76 / 6.73; 2048x5504 M = 8 2.45 / 2.68 / 6.11, M = 16 3.88 / 3.88 / 8.04."""
+# Rows of bf16 x from which the fp32 GEMM beats the GEMV, by kernel set, where the GEMM runs (`_float_gemm_ok`).
+# Intel Xeon VM with AMX (2026-12-03, 2 threads), ms per matrix, GEMV / GEMM: avx2 set (MKL capped at AVX2)
+# 6144x2048 M = 8 2.29 / 2.18, M = 10 2.87 / 2.28, M = 16 4.67 / 2.96; 2048x5504 M = 8 2.77 / 2.11, M = 10 3.38 /
+# 2.07; 5504x2048 M = 8 2.00 / 1.99, M = 10 2.47 / 1.96. avx512 set (vdpbf16ps at full rate on that core):
+# M = 12 1.82 / 2.26, 1.87 / 1.83, 1.64 / 1.90; M = 16 2.43 / 2.55, 2.37 / 2.18, 2.33 / 2.22.
+FLOAT_GEMM_MIN_ROWS = {"avx2": 10, "avx512": GEMV_MAX_ROWS + 1}
+
+
+def _float_gemv_fits(kset: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """M * K <= BF16_GEMV_MAX_ELEMENTS (x fits in L1); and where `gemm_dtype` says fp32 (no fast bf16 GEMM),
+    bf16 x times a bf16 weight below FLOAT_GEMM_MIN_ROWS, where the fp32 GEMM takes over. (Where it says bf16,
+    oneDNN's bf16 F.linear is faster from there: AMX, 6144x2048 M = 16 1.33 ms, GEMV 2.43.)"""
     if x.numel() <= BF16_GEMV_MAX_ELEMENTS:
         return True
     return (
         x.dtype == weight.dtype == torch.bfloat16
-        and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+        and x.numel() < FLOAT_GEMM_MIN_ROWS[kset] * x.shape[-1]
         and gemm_dtype(torch.bfloat16) == torch.float32
     )
+
+
+def _float_gemm_ok(x: torch.Tensor) -> bool:
+    """The fp32 GEMM over a bf16 weight (csrc/gemm.cpp: the weight widened to fp32 block by block in cache, as
+    exact as F.linear on fp32 copies): for fp32 x always (else F.linear would convert the whole weight), for
+    bf16 x where `gemm_dtype` says fp32. It replaced converting weight tiles for MKL's fp32 GEMM: Intel Xeon VM
+    with AMX, 2 threads, M = 512, ms per matrix, GEMM / tiles + MKL: avx2 set (MKL capped at AVX2) 6144x2048
+    63.4 / 69.3, 2048x5504 58.2 / 63.8; avx512 set 42.7 / 47.9, 37.7 / 42.8 (and MKL's ~40% of the FMA peak
+    on AMD Zen 2, shared/notes, does not matter to it). Also below FP32_TILES_MIN_ROWS where the slow native
+    bf16 GEMM would run (an AVX-512 BF16 core without AMX), which the tiles' conversion cost does not apply to:
+    not measured on such a core (none at hand); from the figures of the Intel Xeon VM without AMX (5504x2048,
+    bf16 F.linear M = 16 3.76 ms, M = 64 10.6; its fp32 tiles ~1.3x slower than on the AMX VM) the GEMM, 2.2 and
+    5.8 ms on the AMX VM, would be ~2.9 and ~7.5 ms there."""
+    if x.dtype == torch.float32:
+        return True
+    return gemm_dtype(x.dtype) == torch.float32
 
 
 # Decode attention (csrc/attention.cpp): one pass over the cached keys/values per (row, head), online softmax.

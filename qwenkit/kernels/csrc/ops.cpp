@@ -15,6 +15,7 @@ QK_TORCH_LIBRARY(QK_NS, m) {
         " -> Tensor",
         &QK_NS::gemm_quant);
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemv_bf16);
+  m.def("gemm_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemm_bf16);
   m.def("dot_rates() -> float[]", &QK_NS::dot_rates);
   m.def("dequant(Tensor qweight, Tensor scales, Tensor? offsets, int group_size, int bits, Tensor(a!) out) -> ()",
         &QK_NS::dequant);
