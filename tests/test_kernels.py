@@ -502,7 +502,7 @@ def _bits_equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_fast
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 530])  # tile tails (6 / 12 rows); 530: two row panels of <= 512
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 530])  # tile tails (6 / 12 rows); 530: 2 row panels
 @pytest.mark.parametrize("n", [1, 31, 33, 100])  # channel blocks of 16 / 32 and their tails
 @pytest.mark.parametrize("k", [8, 40, 520, 4100])  # below one vector, k tails, several K chunks (+ a tail)
 def test_float_gemm(kset, m, n, k):

@@ -103,7 +103,10 @@ FP32_TILES_MIN_ROWS = 128
 
 _CSRC = Path(__file__).with_name("csrc")
 # + common.h, simd.h
-_SOURCES = [_CSRC / name for name in ("quant.cpp", "bf16.cpp", "gemm.cpp", "attention.cpp", "token_ops.cpp", "ops.cpp")]
+_SOURCES = [
+    _CSRC / name
+    for name in ("quant.cpp", "bf16.cpp", "gemm.cpp", "attention.cpp", "token_ops.cpp", "ops.cpp")
+]
 # -fopenmp: at::parallel_for is a header template that runs serially without it; the extension then shares
 # the libgomp.so.1 that torch has already loaded (same soname), so there is one thread pool.
 _CFLAGS = ["-O3", "-mtune=native", "-fopenmp"]
