@@ -269,15 +269,47 @@ def test_fast_quant_nan_and_empty_rows(kset, bits):
 
 @needs_fast
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_quant_prefill_tiles(kset, monkeypatch, bits):
-    """The fused dequantize + GEMM over several weight tiles (in cpu.gemm_dtype, output in x.dtype)."""
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_fast_quant_prefill_paths(kset, monkeypatch, bits, native_bf16):
+    """Prefill without the int16 GEMM (tested below): fp32 x, and bf16 x where the bf16 GEMM is not native and
+    fast, take the fp32 GEMM that dequantizes as it packs (`gemm_dequant`); bf16 x where it is (AMX, Zen 5),
+    the fused dequantize into bf16 tiles (several here) + F.linear. Outputs in x.dtype."""
     monkeypatch.setattr(cpu, "PREFILL_TILE_ELEMENTS", 16 * 256)
-    monkeypatch.setattr(cpu, "_int16_gemm_ok", lambda *args: False)  # (tested below)
+    monkeypatch.setattr(cpu, "_int16_gemm_ok", lambda *args: False)
+    monkeypatch.setattr(cpu, "gemm_dtype", lambda d: d if native_bf16 else torch.float32)
+    used = _spy_ops(monkeypatch, kset)
     qweight, q, scales, offs = _case(bits, 50, 256, 64, offsets=True)
     for xdtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        used.clear()
         x, bias = torch.randn(40, 256).to(xdtype), torch.randn(50)
         y = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, qweight, scales, offs, 64, bias)
         assert y.dtype == xdtype and _rel(y, _expected(x, q, scales, offs, 64, bias)) < tol
+        tiles = native_bf16 and xdtype == torch.bfloat16
+        assert used == (["dequant"] * 4 if tiles else ["gemm_dequant"])
+
+
+@needs_fast
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("g", [32, 64, 128, 4096])  # 4096 = K: one scale per row (and K in several chunks)
+@pytest.mark.parametrize("m", [1, 7, 30])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemm_dequant(kset, bits, g, m, sdtype):
+    """The fp32 GEMM over int8 / int4 weights: x times the weight the `dequant` op gives (fp32), as fp32 math
+    (within 1e-6 of fp64 relative to the sum of |products|), with and without offsets, scales in each dtype,
+    channel counts off the 16 / 32-channel blocks."""
+    ops = cpu.ops_for(kset)
+    k = 4096 if g == 4096 else 256
+    for n, offsets in ((37, True), (64, False)):
+        qweight, _, scales, offs = _case(bits, n, k, g, offsets=offsets, sdtype=sdtype)
+        w = torch.empty(n, k)
+        ops.dequant(qweight, scales, offs, g, bits, w)
+        x, bias = torch.randn(m, k), torch.randn(n)
+        y = ops.gemm_dequant(x, qweight, scales, offs, g, bias, bits)
+        ref = F.linear(x.double(), w.double(), bias.double())
+        bound = 1e-6 * (x.double().abs() @ w.double().abs().T + bias.double().abs()).max().item()
+        assert y.shape == (m, n) and (y.double() - ref).abs().max().item() <= bound
+        yb = ops.gemm_dequant(x.bfloat16(), qweight, scales, offs, g, bias, bits)
+        assert yb.dtype == torch.bfloat16 and _rel(yb, ref) < 1e-2
 
 
 needs_avx512 = pytest.mark.skipif("avx512" not in BUILT, reason="the avx512 kernel set does not run here")
@@ -382,7 +414,7 @@ def test_int16_gemm_dispatch(monkeypatch):
     assert "gemm_quant" in used and _rel(y, _expected(x, q, scales, offs, 128, None)) < 1e-2
     used.clear()
     kernels.linear_int4(x.float(), qweight, scales, offs, 128)  # fp32 activations: exact fp32 prefill
-    assert "gemm_quant" not in used and "dequant" in used
+    assert used == ["gemm_dequant"]
     assert cpu._int16_gemm_ok("avx512", 512, 128)
     for fast in (False, True):  # the avx2 set: where its int16 dot outruns the FMA (measured by dot_rates)
         monkeypatch.setattr(cpu, "_int16_dot_fast", lambda kset, _f=fast: _f)
@@ -419,7 +451,7 @@ def test_int16_gemm_dispatch_avx2(monkeypatch, fast):
     used = _spy_ops(monkeypatch, "avx2")
     decode = "gemm_quant" if fast else "gemv_quant"
     for rows, bits, expected in (
-        (30, 4, "gemm_quant" if fast else "dequant"),
+        (30, 4, "gemm_quant" if fast else "gemm_dequant"),
         (cpu.QUANT_GEMM_MIN_ROWS[4], 4, decode),
         (cpu.QUANT_GEMM_MIN_ROWS[4] - 1, 4, "gemv_quant"),
         (cpu.QUANT_GEMM_MIN_ROWS[8], 8, decode),

@@ -309,7 +309,14 @@ def linear_quant(
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     elif _int16_gemm_ok(kset, k, group_size, x2.dtype):
         y = ops.gemm_quant(x2, qweight, scales, offsets, group_size, bias, bits)
-    else:
+    elif gemm_dtype(x2.dtype) == torch.float32:
+        # The fp32 GEMM, dequantizing weight blocks as it packs them (csrc/gemm.cpp), instead of fp32 tiles
+        # for MKL: Intel Xeon VM with AMX, avx2 set and MKL capped at AVX2, 2 threads, group 128, ms per
+        # matrix, GEMM / tiles: M = 512 int4 6144x2048 66.5 / 72.2, 2048x5504 60.3 / 65.9, int8 66.6 / 70.1,
+        # 61.3 / 65.9; M = 32 int4 6.1 / 9.5, 5.5 / 10.2, int8 6.7 / 8.8, 5.1 / 8.2. (int16 GEMM, where it runs:
+        # 53.5, 47.6, 54.7, 47.7; 3.4, 3.4, 3.9, 3.4.)
+        y = ops.gemm_dequant(x2, qweight, scales, offsets, group_size, bias, bits)
+    else:  # bf16 tiles for oneDNN's bf16 GEMM (AMX, Zen 5)
         y = _dequant_linear(ops, x2, qweight, scales, offsets, group_size, bias, bits)
     return y.view(*x.shape[:-1], n)
 
@@ -340,7 +347,7 @@ def _int16_dot_fast(kset: str) -> bool:
     fast = isa.int16_dot_fast(isa.cpu_flags())
     logger.info(
         "qwenkit: int8/int4 prefill of bf16 activations (%s kernels): %s", kset,
-        "int16 GEMM (the CPU has AVX-VNNI)" if fast else "dequantize + fp32 GEMM (no AVX-VNNI: int16 dot not faster)",
+        "int16 GEMM (the CPU has AVX-VNNI)" if fast else "fp32 GEMM (no AVX-VNNI: int16 dot not faster)",
     )  # fmt: skip
     return fast
 

@@ -110,6 +110,19 @@ inline void st1(void* p, FT t, int64_t i, float v) {
   }
 }
 
+// A weight the fp32 GEMM (gemm.cpp) widens to fp32 while packing: bf16 (bits 16), or int8 / packed int4 with
+// scales (and offsets) per group of `group` k, [N, G] in dtype st (ot).
+struct FloatWeight {
+  const void* w;
+  int bits;
+  int64_t row_bytes, K, N;
+  const void* scales = nullptr;
+  const void* offsets = nullptr;  // may be null
+  FT st = FT::F32, ot = FT::F32;
+  int64_t G = 1, group = 1;
+};
+at::Tensor gemm_f32(const at::Tensor& x, const FloatWeight& w, const std::optional<at::Tensor>& bias);
+
 // Op entry points (schemas in ops.cpp).
 at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
@@ -117,6 +130,9 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offsets, int64_t group_size,
                       const std::optional<at::Tensor>& bias, int64_t bits);
+at::Tensor gemm_dequant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& offsets, int64_t group_size,
+                        const std::optional<at::Tensor>& bias, int64_t bits);
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
              int64_t group_size, int64_t bits, at::Tensor& out);
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);

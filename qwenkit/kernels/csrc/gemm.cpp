@@ -1,7 +1,9 @@
-// fp32 FMA GEMM over a bf16 weight, for prefill where the CPU has no fast bf16 GEMM (AVX2; AVX-512 cores whose
-// vdpbf16ps runs below the FMA's rate): y = x @ W.T + bias with x widened to fp32 once, W converted to fp32
-// block by block while packed (bf16 -> fp32 is exact), fp32 sums. The same products as F.linear on fp32 copies
-// of both (the tiled path in cpu.py), up to summation order, without writing an fp32 copy of the weight.
+// fp32 FMA GEMM over a bf16, int8 or packed int4 weight, for prefill where the CPU has no fast bf16 GEMM (AVX2;
+// AVX-512 cores whose vdpbf16ps runs below the FMA's rate) and no faster int16 GEMM (quant.cpp): y = x @ W.T +
+// bias with x widened to fp32 once, W converted to fp32 block by block while packed (bf16 -> fp32 is exact;
+// int8/int4 dequantized as the `dequant` op does, q * scale + offset in one fp32 FMA), fp32 sums. The same
+// products as F.linear on fp32 copies of both (the tiled path in cpu.py), up to summation order, without
+// writing an fp32 copy of the weight.
 //
 // Layout (as the int16 GEMM in quant.cpp): a block is kGN = 2 vectors of output channels; its weight rows are
 // packed into [k][kGN] fp32 (kL rows at a time, kL k at a time, transposed in registers), a K chunk at a time
@@ -29,8 +31,8 @@ constexpr int64_t kChunkBytes = 1 << 17;
 constexpr int64_t kRowPanel = 512;
 
 struct FArgs {
-  const uint16_t* w;  // [N, K] bf16
-  const float* x;     // [M, xs] fp32
+  FloatWeight w;
+  const float* x;  // [M, xs] fp32
   int64_t M, K, N, xs;
   const void* bias;  // may be null
   FT bt;
@@ -38,24 +40,42 @@ struct FArgs {
   FT outt;
 };
 
+// Weight row n, k .. k + kL - 1 (k a multiple of kL; for int8/int4 within one group) as fp32.
+template <int BITS>
+QK_INLINE vf wload(const FloatWeight& w, int64_t n, int64_t k) {
+  const auto* row = static_cast<const uint8_t*>(w.w) + n * w.row_bytes;
+  if constexpr (BITS == 16) {
+    return fload_bf16(reinterpret_cast<const uint16_t*>(row) + k);
+  } else {
+    const int64_t gi = n * w.G + k / w.group;
+    const vf q = BITS == 8 ? fload_s8(row + k) : fload_u4(row + k / 2);
+    return ffma(q, fset1(ld1(w.scales, w.st, gi)), fset1(w.offsets ? ld1(w.offsets, w.ot, gi) : 0.f));
+  }
+}
+
 // Weight rows n0..n0+kGN-1 (rows past nb repeat the last: their outputs are not stored), k0..k0+kc-1 -> wp
-// [kc][kGN] fp32. kL k of kL rows per step are widened and transposed; a k tail (K % kL) element by element.
-void pack_bf16(const FArgs& a, int64_t n0, int64_t nb, int64_t k0, int64_t kc, float* wp) {
-  const uint16_t* row[kGN];
-  for (int i = 0; i < kGN; ++i) row[i] = a.w + (n0 + std::min<int64_t>(i, nb - 1)) * a.K + k0;
+// [kc][kGN] fp32. kL k of kL rows per step are widened and transposed; a k tail (K % kL, bf16 only: int8/int4
+// have K % 32 == 0) element by element.
+template <int BITS>
+void pack(const FArgs& a, int64_t n0, int64_t nb, int64_t k0, int64_t kc, float* wp) {
   const int64_t kv = kc / kL * kL;
   for (int64_t k = 0; k < kv; k += kL) {
     for (int half = 0; half < 2; ++half) {
       vi r[kL];
 #pragma GCC unroll 16
-      for (int i = 0; i < kL; ++i) r[i] = (vi)fload_bf16(row[kL * half + i] + k);
+      for (int i = 0; i < kL; ++i) r[i] = (vi)wload<BITS>(a.w, n0 + std::min<int64_t>(kL * half + i, nb - 1), k0 + k);
       transpose_words(r);
 #pragma GCC unroll 16
       for (int j = 0; j < kL; ++j) fstore(wp + (k + j) * kGN + kL * half, (vf)r[j]);
     }
   }
-  for (int64_t k = kv; k < kc; ++k)
-    for (int i = 0; i < kGN; ++i) wp[k * kGN + i] = bf16_to_f32(row[i][k]);
+  if constexpr (BITS == 16) {
+    for (int64_t k = kv; k < kc; ++k)
+      for (int i = 0; i < kGN; ++i) {
+        const auto* row = static_cast<const uint16_t*>(a.w.w) + (n0 + std::min<int64_t>(i, nb - 1)) * a.K;
+        wp[k * kGN + i] = bf16_to_f32(row[k0 + k]);
+      }
+  }
 }
 
 // Rows m0..m0+MT-1 times the packed chunk (kc k from k0) -> acc [MT][kGN] (added to it unless first).
@@ -112,15 +132,13 @@ void fstore_rows(const FArgs& a, const float* acc, int64_t m0, int64_t rows, int
 
 }  // namespace
 
-at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor gemm_f32(const at::Tensor& x, const FloatWeight& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kBFloat16,
-              "weight must be contiguous 2-D bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "weight does not match K = ", K);
-  FArgs a{static_cast<const uint16_t*>(weight.data_ptr()), nullptr, M, K, N, K + 16, nullptr, FT::F32, nullptr,
-          FT::F32};
+  const int64_t M = x.size(0), K = x.size(1), N = w.N;
+  TORCH_CHECK(w.K == K, "weight does not match K = ", K);
+  TORCH_CHECK(w.bits == 16 || K % 32 == 0, "internal: K % 32 != 0 for a quantized weight");
+  FArgs a{w, nullptr, M, K, N, K + 16, nullptr, FT::F32, nullptr, FT::F32};
   if (bias.has_value()) {
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias must have N elements");
     a.bias = bias->data_ptr(), a.bt = ft_of(*bias, "bias");
@@ -136,7 +154,8 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
   });
   a.x = xf.data();
   const int64_t blocks = (N + kGN - 1) / kGN;
-  const int64_t ck = std::max<int64_t>(kL, std::min(K, kChunkBytes / (kGN * 4)) / kL * kL);
+  const int64_t ck = std::max<int64_t>(32, std::min(K, kChunkBytes / (kGN * 4)) / 32 * 32);
+  const auto pack_chunk = w.bits == 16 ? pack<16> : w.bits == 8 ? pack<8> : pack<4>;
   for (int64_t p0 = 0; p0 < M; p0 += kRowPanel) {
     const int64_t rows = std::min(kRowPanel, M - p0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -147,7 +166,7 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
         const int64_t n0 = b * kGN, nb = std::min<int64_t>(kGN, N - n0);
         for (int64_t k0 = 0; k0 < K; k0 += ck) {
           const int64_t kc = std::min(ck, K - k0);
-          pack_bf16(a, n0, nb, k0, kc, wp.data());
+          pack_chunk(a, n0, nb, k0, kc, wp.data());
           for (int64_t m0 = 0; m0 < rows; m0 += kGM) {
             const int64_t mt = std::min<int64_t>(kGM, rows - m0);
             ftile_m(mt, a, wp.data(), p0 + m0, k0, kc, k0 == 0, acc.data() + m0 * kGN,
@@ -160,6 +179,13 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
     });
   }
   return out;
+}
+
+at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kBFloat16,
+              "weight must be contiguous 2-D bfloat16");
+  FloatWeight w{weight.data_ptr(), 16, weight.size(1) * 2, weight.size(1), weight.size(0)};
+  return gemm_f32(x, w, bias);
 }
 
 }  // namespace QK_NS

@@ -14,6 +14,9 @@ QK_TORCH_LIBRARY(QK_NS, m) {
   m.def("gemm_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size, Tensor? bias, int bits)"
         " -> Tensor",
         &QK_NS::gemm_quant);
+  m.def("gemm_dequant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size, Tensor? bias,"
+        " int bits) -> Tensor",
+        &QK_NS::gemm_dequant);
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemv_bf16);
   m.def("gemm_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemm_bf16);
   m.def("dot_rates() -> float[]", &QK_NS::dot_rates);

@@ -448,6 +448,19 @@ inline int64_t gemm_flush_k(int64_t g) {
   return fk;
 }
 
+// ---------------------------------------------------------------- the fp32 GEMM over a quantized weight
+
+// Prefill where neither a fast bf16 GEMM nor the int16 GEMM applies (AMD Zen 2/3: no AVX-VNNI; fp32 x): the
+// fp32 GEMM of gemm.cpp, which dequantizes the weight block by block while packing it.
+at::Tensor gemm_dequant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& offsets, int64_t group_size,
+                        const std::optional<at::Tensor>& bias, int64_t bits) {
+  QArgs a{};
+  quant_args(x, qweight, scales, offsets, group_size, bias, bits, a);
+  FloatWeight w{a.w, int(bits), a.row_bytes, a.K, a.N, a.scales, a.offsets, a.st, a.ot, a.G, group_size};
+  return gemm_f32(x, w, bias);
+}
+
 // ---------------------------------------------------------------- dequantize (prefill)
 
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,

@@ -49,6 +49,12 @@ QK_INLINE vf fload_bf16(const uint16_t* p) {
 QK_INLINE vf fload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 QK_INLINE vf fload_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 QK_INLINE vf fload_s8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+// kL 4-bit values from kL / 2 bytes (byte j: value 2j in the low nibble, 2j + 1 in the high) -> fp32
+QK_INLINE vf fload_u4(const uint8_t* p) {
+  const __m128i b = _mm_loadl_epi64((const __m128i*)p), m = _mm_set1_epi8(0x0f);
+  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+}
 QK_INLINE void fstore_bf16(uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 // acc += 2 kL bf16 products (pairs of w and x per lane)
 QK_INLINE vf fdot_bf16(vf acc, const uint16_t* w, const uint16_t* x) {
@@ -129,6 +135,13 @@ QK_INLINE vf fload_bf16(const uint16_t* p) {
 QK_INLINE vf fload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 QK_INLINE vf fload_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 QK_INLINE vf fload_s8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+QK_INLINE vf fload_u4(const uint8_t* p) {
+  int32_t word;
+  __builtin_memcpy(&word, p, 4);
+  const __m128i b = _mm_cvtsi32_si128(word), m = _mm_set1_epi8(0x0f);
+  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
 QK_INLINE void fstore_bf16(uint16_t* p, vf v) {  // round to nearest even; NaN stays (quiet) NaN
   const __m256i u = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
