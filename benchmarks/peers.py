@@ -13,6 +13,7 @@ directory of its own, then run every case restricted to AVX2 (qwenkit's avx2 ker
 PyTorch/oneDNN/MKL capped at AVX2):
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
     pip install --no-deps --target /work/llama-avx2 llama-cpp-python==0.3.36
+  pip install diskcache jinja2   # llama-cpp-python's own dependencies, which --no-deps leaves out
   python benchmarks/peers.py --threads 2 --emulate-avx2 --llama-cpp /work/llama-avx2
 llama.cpp's GGUF files are converted from the same checkpoint with the converter in llama-cpp-python's source
 distribution (fetched with pip download), fed with qwenkit's tokenizer instead of transformers' remote code.

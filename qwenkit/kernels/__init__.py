@@ -136,10 +136,11 @@ def _dequant_linear(
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): a fast GEMV for few rows of x on CPU with
-    a bf16 weight, or an fp32 weight and fp32 x; for more rows of bf16 where fp32 GEMMs win (`cpu.gemm_dtype`:
-    PyTorch's emulated bf16 GEMM is ~10x slower, a native one may be merely slower), fp32 tiles of the weight
-    (`cpu.float_linear_dtype` says from how many rows); F.linear otherwise."""
+    """`x @ weight.T + bias` in `x.dtype` (weight and bias cast to it): on CPU with the C++ kernels, the GEMV for
+    few rows of x (a bf16 weight, or an fp32 weight and fp32 x) and the fp32 GEMM over a bf16 weight for more rows
+    where fp32 wins (`cpu.gemm_dtype`: PyTorch's emulated bf16 GEMM is ~10x slower, a native one may be merely
+    slower); without them, fp32 tiles of the weight there (`cpu.float_linear_dtype` says from how many rows);
+    F.linear otherwise."""
     y = _cpu.linear_bf16(x, weight, bias)
     if y is not None:
         return y
