@@ -434,9 +434,13 @@ def test_int16_gemm_dispatch(monkeypatch):
         assert _rel(y, _expected(xr, qq, sc, of, 128, None)) < 1e-2
     monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype: dtype)  # bf16 GEMM native and fast (AMX, Zen 5)
     assert not cpu._int16_gemm_ok("avx512", 512, 128)
-    used.clear()
-    kernels.linear_int4(x, qweight, scales, offs, 128)
-    assert "gemm_quant" not in used and "dequant" in used
+    cap = cpu.INT16_GEMM_MAX_ROWS_NATIVE_BF16  # there: batches up to this many rows only
+    for rows, op in ((cap, "gemm_quant"), (cap + 1, "dequant"), (cpu.QUANT_GEMM_MIN_ROWS[4], "gemm_quant")):
+        used.clear()
+        xr = torch.randn(rows, 512).bfloat16()
+        y = kernels.linear_int4(xr, qweight, scales, offs, 128)
+        assert op in used and ("gemm_quant" in used) == (op == "gemm_quant")
+        assert _rel(y, _expected(xr, q, scales, offs, 128, None)) < 1e-2
     assert not cpu._int16_gemm_ok("avx512", 512, 128, torch.float32)
 
 

@@ -306,10 +306,10 @@ def linear_quant(
     rows = x2.shape[0]
     gemv = rows <= GEMV_MAX_ROWS and _gemv_ok(kset, k, group_size, bits)
     if gemv and rows >= QUANT_GEMM_MIN_ROWS[bits]:
-        gemv = not _int16_gemm_ok(kset, k, group_size, x2.dtype)
+        gemv = not _int16_gemm_ok(kset, k, group_size, x2.dtype, rows)
     if gemv:
         y = ops.gemv_quant(x2, qweight, scales, offsets, group_size, bias, bits)
-    elif _int16_gemm_ok(kset, k, group_size, x2.dtype):
+    elif _int16_gemm_ok(kset, k, group_size, x2.dtype, rows):
         y = ops.gemm_quant(x2, qweight, scales, offsets, group_size, bias, bits)
     elif gemm_dtype(x2.dtype) == torch.float32:
         # The fp32 GEMM, dequantizing weight blocks as it packs them (csrc/gemm.cpp), instead of fp32 tiles
@@ -323,7 +323,18 @@ def linear_quant(
     return y.view(*x.shape[:-1], n)
 
 
-def _int16_gemm_ok(kset: str, k: int, group_size: int, xdtype: torch.dtype = torch.bfloat16) -> bool:
+# Rows up to which the int16 GEMM also runs where the bf16 GEMM is native and fast (`gemm_dtype` says bf16):
+# batched decode. Intel Xeon VM with AMX, avx512 set, 2 threads, group 128, ms per matrix, int16 GEMM / GEMV /
+# dequantize to bf16 tiles + oneDNN (AMX): int4 6144x2048 M = 16 1.50 / 2.33 / 4.06, M = 32 2.50 / - / 4.18,
+# M = 64 5.39 / - / 4.94; 2048x5504 M = 16 1.06 / 1.73 / 2.76, M = 32 1.60 / - / 2.83, M = 64 3.55 / - / 3.52;
+# 151936x2048 M = 16 27.8 / 37.0 / 72.1, M = 32 47.6 / - / 77.9; int8 6144x2048 M = 16 1.34 / 1.49 / 2.53, M = 32
+# 2.05 / - / 2.99, M = 64 3.91 / - / 3.42; M = 512 int4 27.2 / - / 10.8 (prefill stays on the AMX tiles).
+INT16_GEMM_MAX_ROWS_NATIVE_BF16 = 32
+
+
+def _int16_gemm_ok(
+    kset: str, k: int, group_size: int, xdtype: torch.dtype = torch.bfloat16, rows: int | None = None
+) -> bool:
     """Prefill of int8/int4 weights with the int16 GEMM (csrc/quant.cpp `gemm_quant`: x quantized per row to
     int16 as for the GEMV, vpdpwssd or vpmaddwd + vpaddd): shapes it takes, bf16 activations (the int16 error,
     ~3e-5 relative, is far below bf16's rounding but not below fp32's: fp32 models keep exact fp32 prefill), only
@@ -331,14 +342,16 @@ def _int16_gemm_ok(kset: str, k: int, group_size: int, xdtype: torch.dtype = tor
     dot outruns the FMA (`isa.int16_dot_fast`). Intel Xeon VM (AVX-512 BF16, no AMX; vpdpwssd at the FMA's 2 per
     cycle, vdpbf16ps at 1 per 2), M = 512, 2 threads, ms per matrix, dequantize + fp32 F.linear / int16 GEMM:
     int4 6144x2048 50.6 / 31.2, 2048x5504 49.4 / 22.8; int8 49.2 / 23.6, 43.8 / 21.6. Where oneDNN's bf16 GEMM
-    is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays: not measured against this GEMM."""
+    is native and fast (AMX, Zen 5: ~1 TFLOP/s) dequantize + bf16 stays for prefill, and the int16 GEMM takes
+    batches of up to INT16_GEMM_MAX_ROWS_NATIVE_BF16 `rows` (None: prefill-sized)."""
     # (any group that is a multiple of 32: the kernel flushes its int32 sums every <= 256 k)
+    small_batch = rows is not None and rows <= INT16_GEMM_MAX_ROWS_NATIVE_BF16
     return (
         kset in isa.BY_NAME
         and xdtype == torch.bfloat16
         and k % 64 == 0
         and group_size % 32 == 0
-        and gemm_dtype(torch.bfloat16) == torch.float32
+        and (small_batch or gemm_dtype(torch.bfloat16) == torch.float32)
         and (kset == "avx512" or _int16_dot_fast(kset))
     )
 
