@@ -495,11 +495,9 @@ def _float_gemm_ok(x: torch.Tensor) -> bool:
     bf16 x where `gemm_dtype` says fp32. It replaced converting weight tiles for MKL's fp32 GEMM: Intel Xeon VM
     with AMX, 2 threads, M = 512, ms per matrix, GEMM / tiles + MKL: avx2 set (MKL capped at AVX2) 6144x2048
     63.4 / 69.3, 2048x5504 58.2 / 63.8; avx512 set 42.7 / 47.9, 37.7 / 42.8 (and MKL's ~40% of the FMA peak
-    on AMD Zen 2, shared/notes, does not matter to it). Also below FP32_TILES_MIN_ROWS where the slow native
-    bf16 GEMM would run (an AVX-512 BF16 core without AMX), which the tiles' conversion cost does not apply to:
-    not measured on such a core (none at hand); from the figures of the Intel Xeon VM without AMX (5504x2048,
-    bf16 F.linear M = 16 3.76 ms, M = 64 10.6; its fp32 tiles ~1.3x slower than on the AMX VM) the GEMM, 2.2 and
-    5.8 ms on the AMX VM, would be ~2.9 and ~7.5 ms there."""
+    on AMD Zen 2, shared/notes, does not matter to it). Also below FP32_TILES_MIN_ROWS, where the tiles'
+    conversion cost made the slow native bf16 GEMM the better choice (AVX-512 BF16 without AMX): the GEMM has no
+    such cost; not timed against that bf16 GEMM (no such core at hand this time)."""
     if x.dtype == torch.float32:
         return True
     return gemm_dtype(x.dtype) == torch.float32
