@@ -160,7 +160,8 @@ std::vector<double> dot_rates() {
   return {bf16_rate, macs / best_ns<false>()};
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     bool widen_x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const bool wf32 = weight.scalar_type() == at::kFloat;
@@ -178,7 +179,9 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
   bool xbf = x.scalar_type() == at::kBFloat16;
   std::vector<float> xf;
-  if (xbf && !kBf16Dot) {  // widen x to fp32 once; rows K + 16 apart (rows 4 KiB apart alias in L1)
+  // widen x to fp32 once (no bf16 dot; or asked: where vdpbf16ps has a lower multiply-add rate than the FMA,
+  // see cpu.py); rows K + 16 apart (rows 4 KiB apart alias in L1)
+  if (xbf && (!kBf16Dot || widen_x)) {
     a.xs = K + 16;
     xf.resize(M * a.xs);
     for (int64_t m = 0; m < M; ++m) load_f32(x.data_ptr(), FT::BF16, m * K, K, xf.data() + m * a.xs);

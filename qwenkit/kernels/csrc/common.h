@@ -135,7 +135,8 @@ at::Tensor gemm_dequant(const at::Tensor& x, const at::Tensor& qweight, const at
                         const std::optional<at::Tensor>& bias, int64_t bits);
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
              int64_t group_size, int64_t bits, at::Tensor& out);
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     bool widen_x);
 at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 std::vector<double> dot_rates();
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -17,7 +17,7 @@ QK_TORCH_LIBRARY(QK_NS, m) {
   m.def("gemm_dequant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size, Tensor? bias,"
         " int bits) -> Tensor",
         &QK_NS::gemm_dequant);
-  m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemv_bf16);
+  m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? bias, bool widen_x=False) -> Tensor", &QK_NS::gemv_bf16);
   m.def("gemm_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &QK_NS::gemm_bf16);
   m.def("dot_rates() -> float[]", &QK_NS::dot_rates);
   m.def("dequant(Tensor qweight, Tensor scales, Tensor? offsets, int group_size, int bits, Tensor(a!) out) -> ()",
