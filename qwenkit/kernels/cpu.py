@@ -7,23 +7,23 @@ hash. `qwenkit.kernels` calls `linear_quant` / `linear_bf16` (bf16 or fp32 weigh
 None when the fast path does not apply (no kernel set, non-CPU tensors, unsupported dtype or shape, autograd
 needed), and the caller then runs the PyTorch paths. Nothing is probed or built at import time.
 
-Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to
-8 rows (as many as keep x in L1), parallel over output rows; with several passes, block by block of weight rows
-that stay in L2 meanwhile, so only the first pass reads memory. Activations are quantized per row to int16
-(error ~1e-5 relative, far below the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the
-int8 / unpacked int4 weights; scales are applied once per group. bf16 x: vdpbf16ps on avx512; avx2 widens x to
-fp32 once per call. Prefill runs in `gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32
-(AMX, or vdpbf16ps at >= 3/4 of the fp32 FMA's multiply-add rate, timed once by the kernels' `dot_rates`), with
-the weight dequantized into bf16 row tiles (fused C++ kernel) for F.linear; else fp32 (QWENKIT_GEMM_DTYPE=
-bf16|fp32 forces it), on the kernels' own fp32 GEMM (csrc/gemm.cpp: bf16 weights widened, int8/int4 dequantized,
-block by block into an L2-sized panel as it packs them; no fp32 copy of the weight, no MKL). Where that is fp32
-on the avx512 set, int8/int4 prefill with bf16 activations takes the int16 GEMM instead (`gemm_quant`: x
-quantized per row to int16 as for the GEMV, weight blocks of 32 channels unpacked to int16 pairs, vpdpwssd;
-1.6-2.2x the dequantize + fp32 path on the Intel Xeon VM), and so does batched decode from QUANT_GEMM_MIN_ROWS
-rows. The avx2 set has the same GEMM (16-channel blocks, 6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16
-dot outruns the FMA (`isa.int16_dot_fast`: AVX-VNNI cores; 1.2-1.45x the dequantize + MKL fp32 path at M = 512
-on the Intel Xeon VM restricted to AVX2), for prefill and batched decode alike; AMD Zen 2/3 keep the fp32 GEMM
-and the GEMV.
+Decode (M <= GEMV_MAX_ROWS activation rows): GEMV kernels in csrc/, one pass over the weight per tile of up to 8
+rows (as many as keep x in L1), parallel over output rows; with several passes, block by block of weight rows that
+stay in L2 meanwhile, so only the first pass reads memory. Activations are quantized per row to int16 (error ~1e-5
+relative, far below the weights' own) and multiplied with vpdpwssd (avx2: vpmaddwd + vpaddd) by the int8 /
+unpacked int4 weights; scales are applied once per group. bf16 x: vdpbf16ps on avx512 where it has the FMA's
+multiply-add rate (else, and on avx2, x is widened to fp32 once per call: `_gemv_widens_bf16`). Prefill runs in
+`gemm_dtype(x.dtype)`: bf16 where oneDNN has bf16 hardware that outruns fp32 (AMX, or vdpbf16ps at >= 3/4 of the
+fp32 FMA's multiply-add rate, timed once by the kernels' `dot_rates`), with the weight dequantized into bf16 row
+tiles (fused C++ kernel) for F.linear; else fp32 (QWENKIT_GEMM_DTYPE=bf16|fp32 forces it), on the kernels' own
+fp32 GEMM (csrc/gemm.cpp: bf16 weights widened, int8/int4 dequantized, block by block into an L2-sized panel as it
+packs them; no fp32 copy of the weight, no MKL). Where that is fp32 on the avx512 set, int8/int4 prefill with bf16
+activations takes the int16 GEMM instead (`gemm_quant`: x quantized per row to int16 as for the GEMV, weight
+blocks of 32 channels unpacked to int16 pairs, vpdpwssd; 1.6-2.2x the dequantize + fp32 path on the Intel Xeon
+VM), and so does batched decode from QUANT_GEMM_MIN_ROWS rows. The avx2 set has the same GEMM (16-channel blocks,
+6-row tiles, vpmaddwd + vpaddd) for CPUs whose int16 dot outruns the FMA (`isa.int16_dot_fast`: AVX-VNNI cores;
+1.2-1.45x the dequantize + MKL fp32 path at M = 512 on the Intel Xeon VM restricted to AVX2), for prefill and
+batched decode alike; AMD Zen 2/3 keep the fp32 GEMM and the GEMV.
 Token-wise ops (csrc/token_ops.cpp): RMSNorm and rotary + the KV cache write, one kernel each instead of a
 chain of small PyTorch ops (at decode their dispatch, not their arithmetic, is the cost): int4 decode of the
 full-size 1.8B on the Intel Xeon VM, 2 threads, 32 tokens, alternating in one process: 13.3-15.0 tok/s with
