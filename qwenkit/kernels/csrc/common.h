@@ -110,6 +110,22 @@ inline void st1(void* p, FT t, int64_t i, float v) {
   }
 }
 
+// n <= 2 kL values r0 (first kL), r1 (next kL) -> out[o ..] of dtype t: vector stores for a whole bf16 / fp32
+// block, element by element otherwise (a block at the last channels, fp16).
+QK_INLINE void store_2v(void* out, FT t, int64_t o, int64_t n, vf r0, vf r1) {
+  if (n == 2 * kL && t == FT::BF16) {
+    fstore_bf16(static_cast<uint16_t*>(out) + o, r0);
+    fstore_bf16(static_cast<uint16_t*>(out) + o + kL, r1);
+  } else if (n == 2 * kL && t == FT::F32) {
+    fstore(static_cast<float*>(out) + o, r0);
+    fstore(static_cast<float*>(out) + o + kL, r1);
+  } else {
+    alignas(64) float r[2 * kL];
+    fstore(r, r0), fstore(r + kL, r1);
+    for (int64_t j = 0; j < n; ++j) st1(out, t, o + j, r[j]);
+  }
+}
+
 // A weight the fp32 GEMM (gemm.cpp) widens to fp32 while packing: bf16 (bits 16), or int8 / packed int4 with
 // scales (and offsets) per group of `group` k, [N, G] in dtype st (ot).
 struct FloatWeight {

@@ -115,18 +115,7 @@ void fstore_rows(const FArgs& a, const float* acc, int64_t m0, int64_t rows, int
   const vf b0 = fload(bias), b1 = fload(bias + kL);
   for (int64_t m = 0; m < rows; ++m) {
     const vf r0 = fadd(fload(acc + m * kGN), b0), r1 = fadd(fload(acc + m * kGN + kL), b1);
-    const int64_t o = (m0 + m) * a.N + n0;
-    if (nb == kGN && a.outt == FT::BF16) {
-      fstore_bf16(static_cast<uint16_t*>(a.out) + o, r0);
-      fstore_bf16(static_cast<uint16_t*>(a.out) + o + kL, r1);
-    } else if (nb == kGN && a.outt == FT::F32) {
-      fstore(static_cast<float*>(a.out) + o, r0);
-      fstore(static_cast<float*>(a.out) + o + kL, r1);
-    } else {
-      alignas(64) float r[kGN];
-      fstore(r, r0), fstore(r + kL, r1);
-      for (int64_t j = 0; j < nb; ++j) st1(a.out, a.outt, o + j, r[j]);
-    }
+    store_2v(a.out, a.outt, (m0 + m) * a.N + n0, nb, r0, r1);
   }
 }
 

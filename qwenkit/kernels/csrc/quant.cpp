@@ -423,18 +423,7 @@ void gemm_store(const QArgs& a, const GemmBlock& blk, int64_t M, int64_t n0, int
     }
     const vf dx = fset1(xq.dx[m]);
     const vf r0 = ffma(c0, dx, b0), r1 = ffma(c1, dx, b1);
-    const int64_t o = m * a.N + n0;
-    if (nb == kGN && a.outt == FT::BF16) {
-      fstore_bf16(static_cast<uint16_t*>(a.out) + o, r0);
-      fstore_bf16(static_cast<uint16_t*>(a.out) + o + kL, r1);
-    } else if (nb == kGN && a.outt == FT::F32) {
-      fstore(static_cast<float*>(a.out) + o, r0);
-      fstore(static_cast<float*>(a.out) + o + kL, r1);
-    } else {
-      alignas(64) float r[kGN];
-      fstore(r, r0), fstore(r + kL, r1);
-      for (int64_t j = 0; j < nb; ++j) st1(a.out, a.outt, o + j, r[j]);
-    }
+    store_2v(a.out, a.outt, m * a.N + n0, nb, r0, r1);
   }
 }
 
