@@ -183,8 +183,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::o
   // see cpu.py); rows K + 16 apart (rows 4 KiB apart alias in L1)
   if (xbf && (!kBf16Dot || widen_x)) {
     a.xs = K + 16;
-    xf.resize(M * a.xs);
-    for (int64_t m = 0; m < M; ++m) load_f32(x.data_ptr(), FT::BF16, m * K, K, xf.data() + m * a.xs);
+    widen_rows(x, a.xs, xf);
     a.x = xf.data(), xbf = false;
   }
   const int64_t tile = tile_rows(M, K * (xbf ? 2 : 4));

@@ -94,6 +94,17 @@ inline void load_f32(const void* p, FT t, int64_t i, int64_t n, float* dst) {
   for (; j < n; ++j) dst[j] = ld1(p, t, i + j);
 }
 
+// Rows of a contiguous [M, K] fp32/bf16 tensor -> dst as fp32, rows `stride` apart (K + 16 keeps rows from
+// being 4 KiB apart, which aliases in L1). Parallel over 16-row chunks: a decode-sized x converts inline.
+inline void widen_rows(const at::Tensor& x, int64_t stride, std::vector<float>& dst) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const FT t = x.scalar_type() == at::kBFloat16 ? FT::BF16 : x.scalar_type() == at::kHalf ? FT::F16 : FT::F32;
+  dst.resize(M * stride);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) load_f32(x.data_ptr(), t, m * K, K, dst.data() + m * stride);
+  });
+}
+
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -110,17 +121,22 @@ inline void st1(void* p, FT t, int64_t i, float v) {
   }
 }
 
-// n <= 2 kL values r0 (first kL), r1 (next kL) -> out[o ..] of dtype t: vector stores for a whole bf16 / fp32
+// The GEMMs' register tiles (quant.cpp's int16 GEMM, gemm.cpp's fp32 GEMM): blocks of kGN = 2 vectors of output
+// channels, kGM rows of x per tile (avx512: 12 rows x 2 accumulators = 24 of the 32 registers; avx2: 6, 12 of 16).
+constexpr int kGN = 2 * kL;
+constexpr int kGM = kL == 16 ? 12 : 6;
+
+// n <= kGN values r0 (first kL), r1 (next kL) -> out[o ..] of dtype t: vector stores for a whole bf16 / fp32
 // block, element by element otherwise (a block at the last channels, fp16).
 QK_INLINE void store_2v(void* out, FT t, int64_t o, int64_t n, vf r0, vf r1) {
-  if (n == 2 * kL && t == FT::BF16) {
+  if (n == kGN && t == FT::BF16) {
     fstore_bf16(static_cast<uint16_t*>(out) + o, r0);
     fstore_bf16(static_cast<uint16_t*>(out) + o + kL, r1);
-  } else if (n == 2 * kL && t == FT::F32) {
+  } else if (n == kGN && t == FT::F32) {
     fstore(static_cast<float*>(out) + o, r0);
     fstore(static_cast<float*>(out) + o + kL, r1);
   } else {
-    alignas(64) float r[2 * kL];
+    alignas(64) float r[kGN];
     fstore(r, r0), fstore(r + kL, r1);
     for (int64_t j = 0; j < n; ++j) st1(out, t, o + j, r[j]);
   }

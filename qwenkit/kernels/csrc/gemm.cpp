@@ -22,8 +22,7 @@
 namespace QK_NS {
 namespace {
 
-constexpr int kGN = 2 * kL;             // output channels per block
-constexpr int kGM = kL == 16 ? 12 : 6;  // rows per register tile
+// (kGN channels per block, kGM rows per register tile: common.h)
 // Packed weight bytes per K chunk (in L2: Zen 2/3 have 512 KiB) and rows of x per pass over the weight. Intel
 // Xeon VM, M = 512, 6144x2048 and 2048x5504, avx2 set: panels of 512 rows 66.0 / 61.8 ms, 256 66.9 / 60.4, 128
 // 69.5 / 63.5, 64 75.5 / 67.2; chunks of 64 KiB to 1 MiB within +-5% (avx512 too).
@@ -135,12 +134,8 @@ at::Tensor gemm_f32(const at::Tensor& x, const FloatWeight& w, const std::option
   at::Tensor out = at::empty({M, N}, x.options());
   a.out = out.data_ptr(), a.outt = ft_of(out, "out");
   if (M == 0 || N == 0) return out;
-  // x as fp32, rows K + 16 apart (rows 4 KiB apart alias in L1)
-  std::vector<float> xf(M * a.xs);
-  const FT xt = ft_of(x, "x");
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) load_f32(x.data_ptr(), xt, m * K, K, xf.data() + m * a.xs);
-  });
+  std::vector<float> xf;
+  widen_rows(x, a.xs, xf);
   a.x = xf.data();
   const int64_t blocks = (N + kGN - 1) / kGN;
   const int64_t ck = std::max<int64_t>(32, std::min(K, kChunkBytes / (kGN * 4)) / 32 * 32);

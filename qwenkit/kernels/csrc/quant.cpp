@@ -300,8 +300,7 @@ at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::
 // broadcast of an x pair per row and two weight vectors per k pair (avx512: 12 rows, 24 of the 32 registers;
 // avx2: 6 rows, 12 of 16); int32 sums are flushed per group (or every <= 256 k of a longer one) into fp32 sums,
 // times the group's scales (one vector of channels).
-constexpr int kGN = 2 * kL;            // output channels per block (2 vectors)
-constexpr int kGM = kL == 16 ? 12 : 6;  // rows per register tile
+// (kGN, kGM: common.h)
 
 struct GemmBlock {
   std::vector<int32_t> w;   // [chunk k / 2][kGN] int16 pairs of gemm_pair_k, one K chunk
