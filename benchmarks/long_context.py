@@ -120,10 +120,17 @@ def decode(model, tok, args) -> None:
     print("| weights | KV cache | " + " | ".join(f"ctx {c}" for c in args.contexts) + " | ratio at 8k |")
     print("|---|---|" + "---|" * (len(args.contexts) + 1))
     for kind in args.kv_caches:
-        speed = {r["context"]: r["tok_s"] for r in rows if r["kv_cache"] == kind}
-        ratio = f"{speed[8192] / speed[1]:.2f}" if 8192 in speed and 1 in speed else "-"
-        cells = " | ".join(f"{speed[c]:.2f}" for c in args.contexts)
-        print(f"| {rows[0]['weights']} | {kind} | {cells} | {ratio} |")
+        # Runs in order (a context may repeat: `--contexts 1 8192 1 8192`); each 8k figure is divided by the
+        # latest context-1 figure before it, so that pairs stay pairs.
+        runs = [r for r in rows if r["kv_cache"] == kind]
+        ratios, base = [], None
+        for r in runs:
+            if r["context"] == 1:
+                base = r["tok_s"]
+            elif r["context"] == 8192 and base:
+                ratios.append(f"{r['tok_s'] / base:.2f}")
+        cells = " | ".join(f"{r['tok_s']:.2f}" for r in runs)
+        print(f"| {rows[0]['weights']} | {kind} | {cells} | {', '.join(ratios) or '-'} |")
 
 
 def main() -> None:
