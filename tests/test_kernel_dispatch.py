@@ -132,6 +132,44 @@ def test_env_controls(monkeypatch):
             cpu.kernel_set()
 
 
+def test_kernel_set_scope_reads_the_environment_once(monkeypatch):
+    """Inside the scope (each model forward) the set chosen when it began holds; outside, every call reads the
+    environment again, so QWENKIT_DISABLE_EXT / QWENKIT_ISA changes take effect at the next forward."""
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    monkeypatch.setenv(isa.ISA_ENV, "none")
+    with cpu.kernel_set_scope() as kset:
+        assert kset is None
+        monkeypatch.setenv(cpu.DISABLE_ENV, "0")
+        monkeypatch.setenv(isa.ISA_ENV, "avx2" if "avx2" in isa.runnable_sets(isa.cpu_flags()) else "none")
+        assert cpu.kernel_set() is None  # not read again inside
+        with cpu.kernel_set_scope() as inner:  # nested: resolves from the outer scope's choice
+            assert inner is None
+        assert cpu.kernel_set() is None
+    monkeypatch.setenv(isa.ISA_ENV, "none")
+    assert cpu.kernel_set() is None
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    monkeypatch.delenv(isa.ISA_ENV)
+    with cpu.kernel_set_scope():
+        pass
+    assert cpu.kernel_set() is None  # the scope left nothing behind
+
+
+def test_kernel_set_scope_is_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    seen = []
+    with cpu.kernel_set_scope():
+        monkeypatch.setenv(cpu.DISABLE_ENV, "0")
+        monkeypatch.setenv(isa.ISA_ENV, "none")
+        # Another thread sees no scope: it reads the environment (here: still no set, through QWENKIT_ISA).
+        worker = threading.Thread(target=lambda: seen.append(cpu._SCOPED_SET.get()))
+        worker.start()
+        worker.join()
+        assert cpu._SCOPED_SET.get() == (None,)
+    assert seen == [None]
+
+
 def test_unrunnable_set_is_never_loaded():
     """Loading a set the CPU cannot execute would crash the process (SIGILL in its static initializers)."""
     for name in isa.BY_NAME:

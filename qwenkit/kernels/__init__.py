@@ -231,6 +231,12 @@ def rotary_kv(
     return _cpu.rotary_kv(qkv, cos, sin, q_scale, rows, positions, cache)
 
 
+def kernel_set_scope():
+    """A context in which the kernel choice is made once (environment read once), not per call: the model runs
+    each forward in one. See `cpu.kernel_set_scope`."""
+    return _cpu.kernel_set_scope()
+
+
 def describe_cpu() -> str:
     """The CPU model, its instruction-set flags that matter here, and the kernel set in use (for benchmarks)."""
     return _isa.describe(_isa.cpu_flags(), _cpu.kernel_set())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation.chat import ChatMixin
-from ..kernels import cached_attention, linear_bf16, rms_norm, rotary_kv
+from ..kernels import cached_attention, kernel_set_scope, linear_bf16, rms_norm, rotary_kv
 from .config import QwenConfig
 from .kv_cache import KVCache, parse_kv_cache_dtype
 
@@ -322,18 +322,19 @@ class QWenLMHeadModel(ChatMixin, nn.Module):
         (as is an `output_index` that points into the padding). With a cache, the padding writes zeros there.
         """
         positions, length = self._check_inputs(input_ids, positions, cache, output_index, input_lengths)
-        step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length, input_lengths)
-        hidden = self.transformer(input_ids, step)  # [B, T, C], or [1, N, C] packed
-        if output_index is not None:
-            rows = torch.arange(input_ids.shape[0], device=hidden.device)
-            if step.packed is None:
-                hidden = hidden[rows, output_index]  # [B, C]
-            else:  # where each (row, index) sits among the packed tokens (sorted flat indices)
-                where = torch.searchsorted(step.packed, rows * input_ids.shape[1] + output_index)
-                hidden = hidden[0, where.clamp(max=step.packed.numel() - 1)]
-        else:
-            hidden = step.unpack(hidden)
-        return self.lm_head(self.transformer.ln_f(hidden)).float()
+        with kernel_set_scope():  # the ~220 kernel calls of a step share one kernel-set lookup
+            step = self._step_inputs(input_ids, positions, cache, ntk_alpha, length, input_lengths)
+            hidden = self.transformer(input_ids, step)  # [B, T, C], or [1, N, C] packed
+            if output_index is not None:
+                rows = torch.arange(input_ids.shape[0], device=hidden.device)
+                if step.packed is None:
+                    hidden = hidden[rows, output_index]  # [B, C]
+                else:  # where each (row, index) sits among the packed tokens (sorted flat indices)
+                    where = torch.searchsorted(step.packed, rows * input_ids.shape[1] + output_index)
+                    hidden = hidden[0, where.clamp(max=step.packed.numel() - 1)]
+            else:
+                hidden = step.unpack(hidden)
+            return self.lm_head(self.transformer.ln_f(hidden)).float()
 
     def _check_inputs(
         self,

@@ -141,10 +141,13 @@ class QuantizedLinear(nn.Module):
 
     # ---- use -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)  # [..., K] in stored column order
+        # The buffers straight from _buffers: through nn.Module.__getattr__ the five lookups cost ~2.5 us per
+        # call, ~0.3 ms of a decode step of the 1.8B (121 quantized linears).
+        b = self._buffers
+        if b["perm"] is not None:
+            x = x.index_select(-1, b["perm"])  # [..., K] in stored column order
         return self._kernel()(
-            x, self.qweight, self.scales, self.offsets, self.group_size, self.bias, prepared=self._prepared
+            x, b["qweight"], b["scales"], b["offsets"], self.group_size, b["bias"], prepared=self._prepared
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
