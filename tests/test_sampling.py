@@ -450,10 +450,60 @@ def test_top_p_candidate_path_equals_full_sort(monkeypatch, peak, fast_path):
     logits[:, 100:110] = logits[:, 0:1]  # ties with a top id
     for top_p in (0.5, 0.8, 0.95, torch.tensor([0.3, 0.8, 0.99])):
         assert (
-            sampling._top_p_among_candidates(logits, sampling._per_row(top_p, logits)) is not None
+            sampling._top_p_among_candidates(logits, logits.softmax(-1), sampling._per_row(top_p, logits)) is not None
         ) == fast_path
         fast = sampling.apply_top_p(logits, top_p)
         with monkeypatch.context() as m:
-            m.setattr(sampling, "_TOP_P_CANDIDATES", 10**9)  # forces the full sort
+            m.setattr(sampling, "_TOP_P_CANDIDATES", (10**9,))  # forces the full sort
             full = sampling.apply_top_p(logits, top_p)
         assert torch.equal(torch.isinf(fast), torch.isinf(full))
+
+
+@pytest.mark.parametrize("scale", [2.5, 3.0, 3.5])
+def test_top_p_wider_candidates_equal_full_sort(monkeypatch, scale):
+    """Nuclei of a few thousand ids (beyond the first 1,024 candidates): the wider candidate set must give the
+    full sort's answer, and must be what runs for them (the full sort costs ~15 ms a row)."""
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(2, 151936, generator=gen) * scale
+    logits[:, 5000:5020] = logits[:, 7:8]  # a tie group
+    for top_p in (0.5, 0.8, torch.tensor([0.6, 0.9])):
+        rows = sampling._per_row(top_p, logits)
+        fast = sampling.apply_top_p(logits, top_p)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "_TOP_P_CANDIDATES", (10**9,))
+            full = sampling.apply_top_p(logits, top_p)
+        assert torch.equal(fast, full)
+        kept = (~torch.isinf(full)).sum(-1)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "_TOP_P_CANDIDATES", (1024,))  # the first width alone
+            narrow = sampling._top_p_among_candidates(logits, logits.softmax(-1), rows)
+        wide = sampling._top_p_among_candidates(logits, logits.softmax(-1), rows)
+        if bool((kept > 1024).any()) and bool((kept < 8192).all()):
+            assert narrow is None and wide is not None  # the second width took it
+
+
+def test_top_p_candidates_equal_full_sort_random_rows(monkeypatch):
+    """Rows of the real width with nuclei from one id to tens of thousands, ties and -inf ids: the candidate
+    paths give exactly the full sort's output, whichever width (or none) takes the row."""
+    gen = torch.Generator().manual_seed(11)
+    for case in range(12):
+        scale = float(torch.empty(1).uniform_(0.5, 6.0, generator=gen))
+        logits = torch.randn(3, 151936, generator=gen) * scale
+        logits[:, 1000:1200] = logits[:, 3:4]  # a tie group with a likely member of the nucleus
+        logits[1, 50000:] = -math.inf  # a masked tail (as mask_invalid leaves it)
+        top_p = torch.empty(3).uniform_(0.05, 0.999, generator=gen) if case % 2 else 0.8
+        fast = sampling.apply_top_p(logits, top_p)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "_TOP_P_CANDIDATES", (10**9,))
+            full = sampling.apply_top_p(logits, top_p)
+        assert torch.equal(fast, full), (case, scale)
+
+
+def test_top_p_flat_row_skips_the_wider_candidates(monkeypatch):
+    # A flat row's first candidates cannot grow into 0.8 of the mass within the next width: one topk only.
+    logits = torch.randn(1, 151936, generator=torch.Generator().manual_seed(3))
+    widths = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, k, **kw: widths.append(k) or real_topk(t, k, **kw))
+    assert sampling._top_p_among_candidates(logits, logits.softmax(-1), sampling._per_row(0.8, logits)) is None
+    assert widths == [sampling._TOP_P_CANDIDATES[0]]
