@@ -507,3 +507,34 @@ def test_top_p_flat_row_skips_the_wider_candidates(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", lambda t, k, **kw: widths.append(k) or real_topk(t, k, **kw))
     assert sampling._top_p_among_candidates(logits, logits.softmax(-1), sampling._per_row(0.8, logits)) is None
     assert widths == [sampling._TOP_P_CANDIDATES[0]]
+
+
+def test_draw_over_kept_ids_has_the_rows_distribution():
+    """The draw runs torch.multinomial over the ids the filters kept: same distribution, never a removed id,
+    reproducible per seed; dense rows (most ids kept) take the whole-row draw."""
+    vocab = 151936
+    probs = torch.zeros(vocab)
+    kept = torch.tensor([3, 77, 5000, 151935])
+    probs[kept] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sampling._draw_one(probs, gen) for _ in range(4000)])
+    assert set(draws.tolist()) <= set(kept.tolist())
+    freq = torch.stack([(draws == k).float().mean() for k in kept])
+    assert torch.allclose(freq, probs[kept], atol=0.03)  # ~5 sigma at 4,000 draws
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(draws[:50], torch.cat([sampling._draw_one(probs, again) for _ in range(50)]))
+    dense = torch.rand(1000, generator=gen)
+    dense[::7] = 0
+    picks = torch.cat([sampling._draw_one(dense / dense.sum(), gen) for _ in range(500)])
+    assert bool((dense[picks] > 0).all())
+
+
+def test_batch_draws_with_one_generator_are_reproducible_and_per_row_generators_independent():
+    logits = random_logits(3, 151936) * 8
+    params = SamplingParams(top_p=0.8)
+    a = sample(logits, params, make_generator(5, "cpu"))
+    b = sample(logits, params, make_generator(5, "cpu"))
+    assert torch.equal(a, b)
+    rows = [make_generator(s, "cpu") for s in (1, 2, 3)]
+    alone = sample(logits[1:2], params, [make_generator(2, "cpu")])
+    assert sample(logits, params, rows)[1] == alone[0]

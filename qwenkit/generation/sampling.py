@@ -233,9 +233,15 @@ def apply_repetition_penalty(
     """Penalise every id present in the context once: positive logits / penalty, negative logits * penalty."""
     if not isinstance(penalty, torch.Tensor) and penalty == 1.0:
         return logits
-    penalty = _per_row(penalty, logits)
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen_mask, penalised, logits)
+    # Only the seen ids change: the same arithmetic on those alone, instead of four passes over [B, V] (8 rows of
+    # 151,936 with 500 ids seen: 8.7 -> 0.8 ms, 2 threads).
+    rows, cols = seen_mask.nonzero(as_tuple=True)
+    values = logits[rows, cols]
+    if isinstance(penalty, torch.Tensor):
+        penalty = penalty.to(logits.device, logits.dtype).reshape(-1).expand(logits.shape[0])[rows]
+    out = logits.clone()
+    out[rows, cols] = torch.where(values < 0, values * penalty, values / penalty)
+    return out
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -436,12 +442,23 @@ def _draw(
 ) -> torch.Tensor:
     # probs [N, V] belong to batch rows `rows`; returns LongTensor [N].
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator).view(-1)
-    generators = list(generator)
-    if len(generators) <= max(rows):
-        raise ValueError(f"got {len(generators)} generators; pass one per batch row (or a single one)")
-    draws = [torch.multinomial(p, 1, generator=generators[row]) for p, row in zip(probs, rows, strict=True)]
-    return torch.cat(draws)
+        generators = [generator] * len(rows)
+    else:
+        given = list(generator)
+        if len(given) <= max(rows):
+            raise ValueError(f"got {len(given)} generators; pass one per batch row (or a single one)")
+        generators = [given[row] for row in rows]
+    return torch.cat([_draw_one(p, g) for p, g in zip(probs, generators, strict=True)])
+
+
+def _draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from `probs` [V] -> LongTensor [1]: torch.multinomial over the ids the filters kept (the
+    others are 0), the same distribution as over the whole row. Over the whole row it draws one exponential per
+    id: 3.0 ms for 151,936 ids (2 threads, Intel Xeon VM), against 0.1 ms for finding a top-p 0.8 nucleus."""
+    kept = probs.nonzero()[:, 0]
+    if 4 * kept.numel() > probs.numel():
+        return torch.multinomial(probs, 1, generator=generator)
+    return kept[torch.multinomial(probs[kept], 1, generator=generator)]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
