@@ -130,3 +130,18 @@ def test_store_lookup_and_lru_order():
     assert store.bytes <= store.max_bytes and store.evictions == 1
     with pytest.raises(ValueError):
         PrefixStore(max_bytes=0)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_engine_serves_a_model_with_a_quantized_lm_head(make_tiny_model, tok, bits):
+    """`qwenkit quantize` quantizes lm_head by default, and a quantized linear has no `.weight`: the backend must
+    take the model's device from the model, and serve the same greedy tokens as the generation API."""
+    from qwenkit.generation.generate import generate
+    from qwenkit.quant import quantize_model
+
+    model = quantize_model(make_tiny_model(vocab_size=151936, seed=9), bits)
+    assert not hasattr(model.lm_head, "weight")
+    prompt = tok.encode("Tell me about the weather today.")
+    (served,) = _serve(model, tok, [[prompt]], None)[0]
+    direct = generate(model, tok, prompt, GREEDY)
+    assert served == (direct.text, len(direct.token_ids))

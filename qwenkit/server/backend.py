@@ -62,7 +62,7 @@ class ModelBackend:
         self.max_slots = max_slots
         self.max_len = max_len
         self.vocab_size = model.config.vocab_size
-        self.device = model.lm_head.weight.device
+        self.device = model.device  # (the embedding's: a quantized lm_head has no .weight)
         self.cache = model.new_cache(max_slots, max_len)
         self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
