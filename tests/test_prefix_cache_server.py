@@ -145,3 +145,27 @@ def test_engine_serves_a_model_with_a_quantized_lm_head(make_tiny_model, tok, bi
     (served,) = _serve(model, tok, [[prompt]], None)[0]
     direct = generate(model, tok, prompt, GREEDY)
     assert served == (direct.text, len(direct.token_ids))
+
+
+def test_a_request_that_fails_admission_fails_alone(make_tiny_model, tok):
+    """A prompt the model cannot take (here an id past a 1000-row embedding) ends that request with an error
+    event; the engine's worker goes on serving the others (before, it died and every request hung)."""
+    model = make_tiny_model(seed=2)  # vocab 1000
+    engine = Engine(ModelBackend(model, 2, 256), tok, max_queue=4)
+    engine.start()
+
+    async def one(prompt: list[int]):
+        handle = engine.submit([(prompt, GREEDY)], asyncio.get_running_loop())
+        return [event async for event in handle.events()]
+
+    async def run_all():
+        bad = await asyncio.wait_for(one([5, 1500, 7]), 30)
+        good = await asyncio.wait_for(one([5, 6, 7]), 30)
+        return bad, good
+
+    try:
+        bad, good = asyncio.run(run_all())
+    finally:
+        engine.shutdown()
+    assert bad[-1].error is not None and "generation failed" in bad[-1].error
+    assert all(event.error is None for event in good) and good[-1].completion_tokens == GREEDY.max_new_tokens

@@ -271,10 +271,15 @@ class Engine:
                 seq.slot = slot
                 self._admitted += 1
                 seq.order = self._admitted
-                seq.alpha = self.backend.ntk_alpha(len(seq.prompt))
-                seq.generator = make_generator(seq.params.seed, self.backend.device)
-                self._seen[slot].zero_()
-                self._seen[slot, torch.tensor(seq.prompt, device=self.backend.device)] = True
+                try:
+                    seq.alpha = self.backend.ntk_alpha(len(seq.prompt))
+                    seq.generator = make_generator(seq.params.seed, self.backend.device)
+                    self._seen[slot].zero_()
+                    self._seen[slot, torch.tensor(seq.prompt, device=self.backend.device)] = True
+                except Exception as exc:  # this request fails; the worker (and every other request) goes on
+                    LOG.exception("admitting a request failed")
+                    self._end(seq, None, "", f"generation failed: {type(exc).__name__}", GENERATION_FAILED)
+                    continue
                 self._slots[slot] = seq
                 self._running += 1
 

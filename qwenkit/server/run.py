@@ -85,6 +85,11 @@ def model_loader(args: argparse.Namespace, options: ServerOptions) -> Loaded:
     model, tokenizer = load(
         args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=kv_cache, lora=lora
     )
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the checkpoint's embedding has {model.config.vocab_size} rows but its tokenizer {len(tokenizer)} "
+            "tokens, so some prompts could not be embedded; use the qwen.tiktoken that belongs to this checkpoint"
+        )
     max_len = resolve_max_len(args.max_model_len, model.config.seq_length)
     prefix_bytes = max(getattr(args, "prefix_cache_mb", 0) or 0, 0) << 20
     backend = ModelBackend(model, options.max_concurrency, max_len, prefix_cache_bytes=prefix_bytes)

@@ -131,3 +131,14 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path):
     assert out.returncode == 1 and "loading the model failed" in out.stderr
     bad_flag = subprocess.run([*cmd, "--max-concurrency", "0"], capture_output=True, text=True, timeout=120)
     assert bad_flag.returncode == 2 and "--max-concurrency" in bad_flag.stderr
+
+
+def test_serve_refuses_a_checkpoint_whose_embedding_is_smaller_than_its_tokenizer(tmp_path):
+    from server_support import free_port
+
+    from qwenkit.checkpoints.synthetic import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "small-vocab", overrides={"vocab_size": 512}, dtype="float32")
+    cmd = [sys.executable, "-m", "qwenkit", "serve", "-m", str(ckpt), "--port", str(free_port()), "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "embedding has 512 rows but its tokenizer 151851 tokens" in out.stderr
