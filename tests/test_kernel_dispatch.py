@@ -266,3 +266,16 @@ def test_other_kernel_sets_compile(name, tmp_path):
                str(src), "-o", str(tmp_path / (src.stem + ".o"))]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_model_forward_runs_in_one_kernel_set_scope(make_tiny_model, monkeypatch):
+    """Every kernel call of a forward sees the scope the model opened (one environment read per forward)."""
+    model = make_tiny_model()
+    seen = []
+    real = cpu.rms_norm
+    monkeypatch.setattr(cpu, "rms_norm", lambda *a, **k: seen.append(cpu._SCOPED_SET.get()) or real(*a, **k))
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    assert len(seen) == 2 * model.config.num_hidden_layers + 1  # ln_1, ln_2 per block, ln_f
+    assert all(s is not None for s in seen) and len(set(seen)) == 1
+    assert cpu._SCOPED_SET.get() is None  # closed after the forward

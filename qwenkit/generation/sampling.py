@@ -465,7 +465,7 @@ def _draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.T
     if not probs.is_cpu:
         return torch.multinomial(probs, 1, generator=generator)
     kept = probs.nonzero()[:, 0]
-    if 4 * kept.numel() > probs.numel():
+    if 4 * kept.numel() > probs.numel():  # most ids kept (no top-p / top-k): gathering them would not pay
         return torch.multinomial(probs, 1, generator=generator)
     return kept[torch.multinomial(probs[kept], 1, generator=generator)]
 
