@@ -103,6 +103,28 @@ def test_kernel_masks_padded_rows_and_many_queries(kset, kind):
 
 
 @needs_fast
+def test_int8_kernel_takes_prefill_chunks(kset):
+    """Over an int8 cache the kernel takes any number of queries (a prefill chunk: causal lengths, a padded row,
+    a row that starts mid-window), and a query's result does not depend on the others in its call: the same
+    positions give the same bits whether they come as one chunk or as several (what prefix reuse relies on)."""
+    (k, v, ks, vs), exact = _cache_window("int8", 3, 2, 700, 128, seed=7)
+    t = 200
+    lengths = torch.stack([torch.arange(501, 701), torch.arange(1, 201), torch.arange(301, 501)])
+    lengths[1, 150:] = 0  # padding past row 1's end
+    q = torch.randn(3, 2, t, 128, generator=torch.Generator().manual_seed(8))
+    out = cpu.decode_attention(q, k, v, lengths, ks, vs)
+    assert out is not None and out.shape == q.shape
+    assert (out[1, :, 150:] == 0).all()
+    err = (out.double() - _expected(q, exact, lengths)).abs().max().item()
+    assert err <= ATOL_INT8, f"{kset} T={t}: max abs error {err:.2e}"
+    parts = [
+        cpu.decode_attention(q[:, :, a:b], k, v, lengths[:, a:b].contiguous(), ks, vs)
+        for a, b in ((0, 7), (7, 120), (120, 200))
+    ]
+    assert torch.equal(torch.cat(parts, dim=2), out)
+
+
+@needs_fast
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 def test_kernel_reads_cache_views(kset, kind):
     """The model's case: a window of a longer KVCache (strided rows and heads), bf16 queries as a transposed
@@ -137,8 +159,8 @@ def test_kernel_rejects_lengths_past_the_window(kset):
 
 
 def test_kernel_does_not_apply(monkeypatch):
-    """Where the kernel is not used (None): prefill-sized T, autograd, the extension off. The dispatcher's
-    fallback then gives the reference result (and gradients)."""
+    """Where the kernel is not used (None): prefill-sized T over a float cache, autograd, the extension off. The
+    dispatcher's fallback then gives the reference result (and gradients)."""
     (k, v, _, _), exact = _cache_window("fp32", 1, 2, 50, 16, seed=0)
     lengths = torch.full((1, 17), 50)
     q = torch.randn(1, 2, 17, 16)

@@ -194,9 +194,9 @@ def cached_attention(
 ) -> torch.Tensor:
     """Attention of q `[B, H, T, D]` over a cache window k, v `[B, H, S, D]` (float, or int8 with fp32 scales
     `[B, H, S]`): query (b, t) sees keys `0..lengths[b, t] - 1` of its row (`lengths` int `[B, T]`); softmax
-    scale 1/sqrt(D). Returns `[B, H, T, D]` in q.dtype. Decode (T <= cpu.DECODE_MAX_QUERIES, CPU, no autograd)
-    takes the C++ kernel, which reads an int8 cache as int8; otherwise `reference_cached_attention` (`mask`:
-    an optional precomputed form of `lengths` for it)."""
+    scale 1/sqrt(D). Returns `[B, H, T, D]` in q.dtype. On CPU without autograd the C++ kernel takes decode (T <=
+    cpu.DECODE_MAX_QUERIES) and, over an int8 cache, which it reads as int8, any T; otherwise
+    `reference_cached_attention` (`mask`: an optional precomputed form of `lengths` for it)."""
     out = _cpu.decode_attention(q, k, v, lengths, k_scale, v_scale)
     if out is None:
         out = reference_cached_attention(q, k, v, lengths, k_scale, v_scale, mask)
