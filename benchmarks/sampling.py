@@ -50,8 +50,8 @@ def main() -> None:
             logits = torch.randn(batch, VOCAB, generator=gen) * scale
             seen = build_seen_mask(torch.randint(0, VOCAB, (batch, CONTEXT), generator=gen), VOCAB)
             generators = [make_generator(i, "cpu") for i in range(batch)]
-            nucleus = int((logits.softmax(-1).sort(dim=-1, descending=True).values.cumsum(-1) < 0.8).sum(-1).float().mean()) + 1  # fmt: skip
-
+            mass = logits.softmax(-1).sort(dim=-1, descending=True).values.cumsum(-1)
+            nucleus = int((mass < 0.8).sum(-1).float().mean()) + 1  # ids the top-p 0.8 nucleus holds, row mean
             ms = time_sample(logits, seen, generators, params, args.repeats)
             print(json.dumps({"batch": batch, "scale": scale, "nucleus_ids": nucleus, "ms_per_step": round(ms, 2)}))
 

@@ -1,8 +1,9 @@
 """Host time of one decode step: the model's 24 layers at a width where the arithmetic is negligible (hidden 256,
 16 heads of 16, MLP 1,024, vocabulary 1,024), so what is measured is Python, the dispatcher, the kernels' fixed
 costs and the fork/join of the thread pool: the time per token during which a full-size model's memory stream
-stands idle. Writes the narrow checkpoint into a temporary directory (bf16, and int4 via `qwenkit quantize`'s
-code), then times forward steps over an int8 cache.
+stands idle. Writes the narrow checkpoint into a temporary directory and loads it twice, bf16 and quantized to
+int4 at load (bf16 activations both times, as the speed benchmarks run), then times forward steps over an int8
+cache.
 
     python benchmarks/step_overhead.py [--threads 2] [--steps 300] [--runs 5]
 """
@@ -48,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp) / "narrow", "tiny", overrides=NARROW)
         for quantize in (None, "int4"):
-            model, _ = load(path, quantize=quantize, progress=False)
+            model, _ = load(path, dtype="bfloat16", quantize=quantize, progress=False)
             best = min(step_ms(model, args.steps) for _ in range(args.runs))
             print(json.dumps({"weights": quantize or "bf16", "layers": 24, "ms_per_step": round(best, 3)}))
 
